@@ -1,0 +1,332 @@
+"""Typed configuration: one dataclass per component, loaded from YAML plus dotted overrides.
+
+Everything is validated at load time so that a typo or an impossible value fails before
+a model is built or a GPU-hour is spent. Errors are one line and say how to fix them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "resnet18"                 # smp encoder name; the seed setup uses resnet34
+    encoder_weights: Optional[str] = None     # None or "imagenet" (needs a download or encoder_weights_path)
+    encoder_weights_path: Optional[str] = None  # local state_dict for the encoder (offline clusters)
+    encoder_depth: int = 4                    # 4 halves the FLOPs of 5 at 32 px
+    norm: Literal["group", "batch"] = "group"  # smp's BatchNorm -> GroupNorm (see models/generator.py)
+    decoder_channels: list[int] = field(default_factory=lambda: [64, 32, 16, 16])
+    channels: int = 1                         # image channels (1 grayscale, 3 RGB)
+    image_size: int = 32
+    num_classes: int = 0                      # 0 = unconditional
+    time_dim: int = 128                       # width of the t/tau embedding
+    d_channels: int = 32                      # PatchGAN base width (64 costs 4x: D runs 3 passes per step)
+    d_layers: int = 3                         # PatchGAN stride-2 layers
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    num_steps: int = 1000                     # T
+    schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class GanConfig:
+    adv_weight: float = 0.1                   # L_G = L_diff + adv_weight * L_adv
+    adv_t_max: int = 400                      # fakes only from x0_hat where t <= adv_t_max (large t gives blur)
+    sigma: float = 0.05                       # instance-noise std for D's diffusion
+    tau_dist: Literal["priority", "uniform"] = "priority"
+    ada_target: float = 0.6
+    ada_interval: int = 4                     # steps between adaptive-T updates
+    ada_kimg: float = 100.0                   # kimg for p to travel 0 -> 1
+    t_min: int = 10
+    t_max: int = 999                          # the last index of a T=1000 schedule (paper: 1000)
+    r1_gamma: float = 0.05
+    r1_every: int = 16                        # lazy R1: every N D steps, weighted by gamma * N
+
+
+@dataclass
+class DataConfig:
+    source: Literal["phantoms", "npz", "shards"] = "phantoms"
+    path: Optional[str] = None                # npz file (source=npz)
+    shards: Optional[str] = None              # glob or brace pattern of train tar shards (source=shards)
+    val_shards: Optional[str] = None          # held-out shards for evaluation
+    split: str = "train"                      # npz split used for training
+    num_images: int = 2048                    # phantoms: how many to synthesise
+    phantom_seed: int = 1234
+    cache_dir: str = "runs/.cache"            # built-in sources are written to shards here once
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = False                   # infinite resampled shards vs finite epochs
+    augment: bool = False
+    hflip_p: float = 0.5
+    vflip_p: float = 0.0
+    affine_p: float = 0.3
+    crop_p: float = 0.0
+    intensity_p: float = 0.3
+
+
+@dataclass
+class TrainConfig:
+    total_kimg: float = 32.0                  # training length in thousands of images
+    batch_size: int = 32                      # per rank
+    grad_accum: int = 1
+    lr_g: float = 5e-4
+    lr_d: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    warmup_kimg: float = 0.5
+    grad_clip_g: float = 1.0
+    grad_clip_d: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    ema_halflife_kimg: float = 1.0
+    ema_rampup: float = 0.05                  # EMA half-life <= rampup * images seen, early on
+    label_dropout: float = 0.1                # classifier-free guidance: P(drop the label)
+    max_skipped_steps: int = 20               # consecutive non-finite steps before we stop
+    seed: int = 0
+    device: str = "auto"                      # auto | cpu | cuda
+    threads: int = 0                          # torch CPU threads; 0 = leave torch's default
+    resume: Optional[str] = None              # None | "auto" | path to a checkpoint
+    ckpt_every_kimg: float = 16.0
+    ckpt_every_min: float = 30.0
+    keep_last: int = 3
+
+
+@dataclass
+class LogConfig:
+    root: str = "runs"                        # run dirs go to root/<run_name>
+    run_name: Optional[str] = None            # default: config stem + timestamp
+    experiment: str = "dgan"
+    tracking_uri: Optional[str] = None        # default: sqlite:///<root>/mlflow.db
+    every_steps: int = 50                     # status line / metric reduction interval
+    sample_every_kimg: float = 8.0
+    num_samples: int = 64                     # images in each sample grid
+    sample_steps: int = 50                    # DDIM steps for grids
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool or tp is int:
+        # bool is an int subclass; keep them apart so `train.batch_size=true` is refused
+        if type(value) is not tp:
+            raise bad
+        return value
+    if not isinstance(value, tp):
+        raise bad
+    return value
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1, cutoff=0.5)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(prefix + str(key), names)
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, prefix + key + ".")
+        else:
+            setattr(obj, key, _coerce(prefix + key, value, hints[key]))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.lr_g=1e-4")
+    key, raw = text.split("=", 1)
+    # YAML gives us ints, floats, bools, null and lists for free: `decoder_channels=[64,32]`
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str) and _looks_numeric(raw):
+        value = float(raw)  # YAML 1.1 reads "1e-4" as a string
+    return key.strip().split("."), value
+
+
+def _looks_numeric(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (see configs/ for examples)")
+        data = yaml.safe_load(path.read_text()) or {}
+        _apply(cfg, data)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _apply(cfg, _nest(keys, value))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's metadata)."""
+    cfg = Config()
+    _apply(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------
+# Validation: impossible values fail here, before anything is built
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _nearest_multiples(size: int, k: int) -> str:
+    lo = max(k, (size // k) * k)
+    hi = lo if lo >= size else lo + k
+    if lo == hi or lo == size:
+        return f"{max(lo, hi)}"
+    return f"{lo} or {hi}"
+
+
+def validate(cfg: Config) -> None:
+    m, d, g, t = cfg.model, cfg.diffusion, cfg.gan, cfg.train
+    k = 2 ** m.encoder_depth
+    _require(m.image_size % k == 0, "model.image_size",
+             f"{m.image_size} is not divisible by 2**encoder_depth={k}; "
+             f"use {_nearest_multiples(m.image_size, k)} (or lower model.encoder_depth)")
+    _require(32 <= m.image_size <= 1024, "model.image_size", f"{m.image_size} outside the supported 32..1024")
+    _require(m.channels in (1, 3), "model.channels", f"{m.channels} not supported; use 1 or 3")
+    _require(3 <= m.encoder_depth <= 5, "model.encoder_depth", "must be 3, 4 or 5")
+    _require(len(m.decoder_channels) == m.encoder_depth, "model.decoder_channels",
+             f"needs {m.encoder_depth} entries (one per encoder stage), got {len(m.decoder_channels)}")
+    _require(m.encoder_weights in (None, "imagenet"), "model.encoder_weights", "use null or 'imagenet'")
+    _require(m.num_classes >= 0, "model.num_classes", "must be >= 0 (0 = unconditional)")
+    _require(m.time_dim % 2 == 0 and m.time_dim >= 8, "model.time_dim", "must be an even number >= 8")
+    _require(2 ** m.d_layers * 4 <= m.image_size, "model.d_layers",
+             f"{m.d_layers} stride-2 layers leave less than a 4x4 patch map at {m.image_size}px; lower it")
+    _require(d.num_steps >= 2, "diffusion.num_steps", "must be >= 2")
+    _require(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start",
+             "need 0 < beta_start < beta_end < 1")
+    _require(g.adv_weight >= 0, "gan.adv_weight", "must be >= 0 (0 = pure diffusion)")
+    _require(0 <= g.adv_t_max < d.num_steps, "gan.adv_t_max", f"must be in [0, {d.num_steps - 1}]")
+    _require(0 <= g.t_min <= g.t_max < d.num_steps, "gan.t_max",
+             f"need 0 <= gan.t_min <= gan.t_max <= diffusion.num_steps - 1 ({d.num_steps - 1}): "
+             "tau indexes the noise schedule")
+    _require(0.0 <= g.ada_target <= 1.0, "gan.ada_target", "must be in [0, 1]")
+    _require(g.ada_interval >= 1 and g.r1_every >= 1, "gan.ada_interval", "ada_interval and r1_every must be >= 1")
+    _require(g.ada_kimg > 0 and g.sigma >= 0 and g.r1_gamma >= 0, "gan.ada_kimg",
+             "ada_kimg must be > 0; sigma and r1_gamma >= 0")
+    _require(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size", "batch_size and grad_accum must be >= 1")
+    _require(t.total_kimg > 0, "train.total_kimg", "must be > 0")
+    _require(t.lr_g > 0 and t.lr_d > 0, "train.lr_g", "learning rates must be > 0")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two values in [0, 1)")
+    _require(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
+             "use auto, cpu or cuda")
+    _require(0 <= t.label_dropout < 1, "train.label_dropout", "must be in [0, 1)")
+    _require(t.keep_last >= 1, "train.keep_last", "must be >= 1 (keeping none would lose the run)")
+    _require(t.ema_halflife_kimg > 0, "train.ema_halflife_kimg", "must be > 0")
+    _validate_data(cfg.data)
+    _require(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
+
+
+def _validate_data(dc: DataConfig) -> None:
+    if dc.source == "npz":
+        _require(dc.path is not None, "data.path", "source=npz needs data.path=/path/to/file.npz")
+    if dc.source == "shards":
+        _require(dc.shards is not None, "data.shards",
+                 "source=shards needs data.shards='dir/train-*.tar' (see python -m dgan.data.shards)")
+    _require(dc.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(dc.num_images >= 1, "data.num_images", "must be >= 1")
+    for name in ("hflip_p", "vflip_p", "affine_p", "crop_p", "intensity_p"):
+        _require(0.0 <= getattr(dc, name) <= 1.0, f"data.{name}", "a probability in [0, 1]")
