@@ -1,0 +1,129 @@
+"""Tests for dgan.losses: known values, masking, and the exact R1 of a linear D."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dgan.losses import d_loss, diffusion_loss, g_adv_loss, r1_penalty
+
+LOG2 = math.log(2.0)
+
+
+def test_diffusion_loss_is_mean_squared_error() -> None:
+    eps = torch.zeros(2, 1, 2, 2)
+    eps_hat = torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]).view(2, 1, 2, 2)
+    assert diffusion_loss(eps_hat, eps).item() == pytest.approx(6.0 / 8.0)
+    with pytest.raises(ValueError, match="shape"):
+        diffusion_loss(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 1))
+
+
+def test_zero_logits_give_log2_terms() -> None:
+    zeros = torch.zeros(4, 1, 3, 3)
+    assert d_loss(zeros, zeros).item() == pytest.approx(2 * LOG2)
+    assert g_adv_loss(zeros).item() == pytest.approx(LOG2)
+
+
+def test_d_loss_rewards_a_correct_discriminator() -> None:
+    real, fake = torch.full((3, 1, 2, 2), 2.0), torch.full((3, 1, 2, 2), -1.0)
+    expected = math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-1.0))
+    assert d_loss(real, fake).item() == pytest.approx(expected)
+    # Swapping real and fake must cost more: the loss is not symmetric in its arguments.
+    assert d_loss(fake, real).item() > d_loss(real, fake).item() + 1.0
+
+
+def test_g_adv_loss_known_value_and_gradient_sign() -> None:
+    fake = torch.full((2, 1, 2, 2), 1.5, requires_grad=True)
+    loss = g_adv_loss(fake)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.5)))
+    loss.backward()
+    assert torch.all(fake.grad < 0)  # G wants the fake logits pushed up
+
+
+def test_g_adv_loss_weight_averages_only_kept_samples() -> None:
+    # Per-sample patch maps with different sizes of loss; sample 1 is huge but dropped.
+    fake = torch.stack([torch.full((1, 2, 2), v) for v in (0.0, -50.0, 2.0, 1.0)])
+    fake.requires_grad_(True)
+    weight = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    loss = g_adv_loss(fake, weight)
+    expected = (F.softplus(torch.tensor(0.0)) + F.softplus(torch.tensor(-2.0))) / 2
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    assert torch.all(fake.grad[1] == 0) and torch.all(fake.grad[3] == 0)
+    assert torch.all(fake.grad[0] != 0)
+    # A bool mask means the same as its 0/1 float.
+    assert g_adv_loss(fake, weight.bool()).item() == pytest.approx(loss.item())
+
+
+def test_all_zero_weight_gives_zero_that_still_backpropagates() -> None:
+    fake = torch.randn(3, 1, 2, 2, requires_grad=True)
+    loss = g_adv_loss(fake, torch.zeros(3))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(fake.grad, torch.zeros_like(fake))
+
+
+def test_dropped_nonfinite_fake_does_not_poison_the_loss() -> None:
+    fake = torch.tensor([0.0, float("nan")]).view(2, 1, 1, 1).requires_grad_(True)
+    loss = g_adv_loss(fake, torch.tensor([1.0, 0.0]))
+    assert loss.item() == pytest.approx(LOG2)
+    loss.backward()
+    assert torch.isfinite(fake.grad).all()
+
+
+def test_d_loss_fake_weight_masks_only_the_fake_term() -> None:
+    real = torch.zeros(4, 1, 2, 2)
+    fake = torch.tensor([0.0, 30.0, 0.0, 30.0]).view(4, 1, 1, 1).expand(4, 1, 2, 2)
+    masked = d_loss(real, fake, fake_weight=torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert masked.item() == pytest.approx(2 * LOG2)
+    none_kept = d_loss(real, fake, fake_weight=torch.zeros(4))
+    assert none_kept.item() == pytest.approx(LOG2)  # the real term is never masked
+    with pytest.raises(ValueError, match="weight must have shape"):
+        d_loss(real, fake, fake_weight=torch.ones(4, 1))
+
+
+def test_r1_of_linear_d_is_squared_weight_norm() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    logits = (w * x).sum(dim=(1, 2, 3))  # D(x) = <w, x> per sample
+    penalty = r1_penalty(logits, x)
+    assert penalty.item() == pytest.approx(w.pow(2).sum().item(), rel=1e-12)
+
+
+def test_r1_sums_patch_logits_and_is_backpropagatable() -> None:
+    # D(x) = a * x^2 per patch: grad = 2 a x, so R1 = mean_b sum 4 a^2 x^2 and d/da = 8 a mean_b sum x^2.
+    a = torch.tensor(0.7, requires_grad=True)
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]]).view(2, 1, 1, 2).requires_grad_(True)
+    penalty = r1_penalty(a * x.pow(2), x)
+    sq = torch.tensor([5.0, 10.0])
+    assert penalty.item() == pytest.approx((4 * 0.49 * sq).mean().item())
+    (grad_a,) = torch.autograd.grad(penalty, a)
+    assert grad_a.item() == pytest.approx((8 * 0.7 * sq).mean().item())
+
+
+def test_r1_requires_grad_on_inputs() -> None:
+    x = torch.randn(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="requires_grad"):
+        r1_penalty(x.sum(dim=(1, 2, 3)), x)
+
+
+def test_masked_losses_make_no_host_sync() -> None:
+    from torch.overrides import TorchFunctionMode
+
+    forbidden = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu"}
+
+    class NoHostSync(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            if getattr(func, "__name__", "") in forbidden:
+                raise AssertionError(f"host sync via {func.__name__}")
+            return func(*args, **(kwargs or {}))
+
+    fake = torch.randn(4, 1, 2, 2, requires_grad=True)
+    weight = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    with NoHostSync():
+        loss = g_adv_loss(fake, weight) + d_loss(fake.detach(), fake, fake_weight=weight)
+        loss = loss + diffusion_loss(fake, torch.zeros_like(fake))
+    assert loss.requires_grad
