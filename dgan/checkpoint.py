@@ -1,0 +1,533 @@
+"""Checkpoints that survive preemption: atomic save, newest-valid discovery, retention, safe load.
+
+A run costs GPU-days, so the rules are strict:
+
+* A reader only ever sees complete files. A checkpoint is written to a hidden temp file in the
+  same directory, fsynced, read back, and only then ``os.replace``d to ``ckpt-{step:09d}.pt``;
+  the directory is fsynced so the rename itself survives a node crash.
+* Loading never executes code: every load goes through ``torch.load(weights_only=True)``.
+* Nothing is deleted on suspicion: a corrupt file is skipped with a warning, never removed.
+
+On-disk layout of a checkpoint directory::
+
+    ckpt-000001000.pt        regular checkpoints; the newest ``keep_last`` are kept
+    ckpt-best.pt             hard link (or copy) of the best checkpoint by ``best_metric``
+    best.json                {"metric", "mode", "step", "value", "file"} for ckpt-best.pt
+    .ckpt-....tmp-PID-HEX    a write in progress, or left by a killed writer; removed by the next save
+
+Each ``.pt`` file holds ``{"schema_version": int, "metadata": dict, "state": dict}``.
+Which rank saves is the caller's decision; nothing here knows about distributed training.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pickle
+import random
+import re
+import shutil
+import uuid
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 1
+
+BEST_NAME = "ckpt-best.pt"
+BEST_JSON = "best.json"
+_CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+_TMP_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
+_REQUIRED_KEYS = ("schema_version", "metadata", "state")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip format; dgan never writes the legacy format
+_UNSAFE_GLOBAL_RE = re.compile(r"GLOBAL (\S+) was not an allowed global|module (\S+) is blocked")
+_MISSING = object()
+_RESUME_HINT = "pass --resume auto to fall back to the newest valid checkpoint"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the one-line message says what to do."""
+
+
+class CheckpointSchemaError(CheckpointError):
+    """The checkpoint was written by a newer dgan; falling back to an older one would lose work."""
+
+
+# --------------------------------------------------------------------------- atomic file primitives
+
+
+def _tmp_path(final: Path) -> Path:
+    # Hidden and suffixed, so discovery (ckpt-N.pt) never sees it; pid+random keep writers apart.
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make renames/creations in `directory` durable, not just the file contents."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        # Some network filesystems refuse fsync on a directory; they commit renames anyway.
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Atomically rename a complete, fsynced temp file into place."""
+    try:
+        os.replace(tmp, final)
+    finally:
+        # rename(2) is a silent no-op when both names are links to one inode; don't leave tmp behind.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_dir(final.parent)
+
+
+def _atomic_torch_save(payload: Any, final: Path, verify: Callable[[Path], None]) -> None:
+    tmp = _tmp_path(final)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        verify(tmp)
+    except BaseException:
+        # An exception (disk full, bad state) must not strand a multi-GB temp file. A SIGKILL
+        # can still leave one; the next save removes it.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _publish(tmp, final)
+
+
+def _atomic_write_text(final: Path, text: str) -> None:
+    tmp = _tmp_path(final)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    _publish(tmp, final)
+
+
+def _atomic_link_or_copy(src: Path, final: Path) -> None:
+    tmp = _tmp_path(final)
+    try:
+        os.link(src, tmp)  # free in disk space and instant
+    except OSError:
+        # Some shared filesystems refuse hard links; a copy costs disk but is just as safe.
+        shutil.copyfile(src, tmp)
+        _fsync_file(tmp)
+    _publish(tmp, final)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:
+    if mmap:
+        try:
+            # mmap reads only the pickle and the zip directory: validating a 2 GB file stays cheap.
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise
+        except Exception:  # noqa: BLE001 - some filesystems cannot mmap; a plain read decides
+            pass
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _read_raw(path: Path, map_location: Any, mmap: bool) -> Any:
+    """torch.load(weights_only=True) with every failure turned into a one-line CheckpointError."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path or {_RESUME_HINT}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}; check its permissions") from e
+    if magic != _ZIP_MAGIC:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt (not a torch zip archive); {_RESUME_HINT}"
+        )
+    try:
+        return _torch_load(path, map_location, mmap)
+    except pickle.UnpicklingError as e:
+        found = _UNSAFE_GLOBAL_RE.search(str(e))
+        what = (found.group(1) or found.group(2)) if found else _one_line(e, 80)
+        raise CheckpointError(
+            f"{path} was NOT loaded: it contains arbitrary code/objects ({what}) that "
+            "torch.load(weights_only=True) refuses; dgan never writes these, so do not trust this file"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({_one_line(e, 100)}); {_RESUME_HINT}"
+        ) from e
+
+
+def _validate(obj: Any, path: Path, expected_schema: int) -> dict:
+    if (not isinstance(obj, dict) or any(k not in obj for k in _REQUIRED_KEYS)
+            or not isinstance(obj["metadata"], dict) or not isinstance(obj["state"], dict)):
+        have = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(
+            f"{path} is not a dgan checkpoint (needs keys {list(_REQUIRED_KEYS)}, has {have}); "
+            "pass a ckpt-*.pt written by dgan.train"
+        )
+    version = obj["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path} has a non-integer schema_version {version!r}; it is not a dgan checkpoint")
+    if version > expected_schema:
+        writer = obj["metadata"].get("dgan_version", "unknown")
+        raise CheckpointSchemaError(
+            f"{path} has checkpoint schema {version} but this dgan reads up to schema {expected_schema}; "
+            f"it was written by dgan {writer}: install dgan>={writer} to load it"
+        )
+    return obj
+
+
+def load_checkpoint(
+    path: str | Path, map_location: Any = "cpu", expected_schema: int = SCHEMA_VERSION
+) -> dict:
+    """Load `{"schema_version", "metadata", "state"}` without ever executing pickled code."""
+    path = Path(path)
+    return _validate(_read_raw(path, map_location, mmap=False), path, expected_schema)
+
+
+def _check_loadable(path: Path) -> None:
+    _validate(_read_raw(path, "cpu", mmap=True), path, SCHEMA_VERSION)
+
+
+def _find_unloadable(obj: Any, where: str) -> str | None:
+    """Name the first value weights_only=True would refuse, to make a save error actionable."""
+    plain = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.dtype, torch.device)
+    if isinstance(obj, torch.Tensor) or type(obj) in plain:
+        return None
+    if type(obj) in (dict, OrderedDict, Counter):
+        for key, value in obj.items():
+            bad = _find_unloadable(value, f"{where}[{key!r}]")
+            if bad:
+                return bad
+        return None
+    if type(obj) in (list, tuple, set, torch.Size):
+        for i, value in enumerate(obj):
+            bad = _find_unloadable(value, f"{where}[{i}]")
+            if bad:
+                return bad
+        return None
+    return f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _dgan_version() -> str:
+    try:
+        import dgan
+
+        version = getattr(dgan, "__version__", None)
+        if version:
+            return str(version)
+        from importlib.metadata import version as dist_version
+
+        return dist_version("dgan")
+    except Exception:  # noqa: BLE001 - a source checkout without metadata is normal
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- the checkpointer
+
+
+class Checkpointer:
+    """Saves, finds and prunes checkpoints in one directory. Call `save` on one rank only."""
+
+    def __init__(
+        self,
+        ckpt_dir: str | Path,
+        keep_last: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+    ) -> None:
+        if keep_last < 1:
+            raise CheckpointError(f"keep_last={keep_last} would delete every checkpoint; use keep_last >= 1")
+        if best_mode not in ("min", "max"):
+            raise CheckpointError(f"best_mode={best_mode!r} is not valid; use 'min' (e.g. FID) or 'max'")
+        self.ckpt_dir = Path(ckpt_dir)
+        self.keep_last = keep_last
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self._warned_future = False
+
+    def path_for(self, step: int) -> Path:
+        return self.ckpt_dir / f"ckpt-{step:09d}.pt"
+
+    def list(self) -> list[Path]:
+        """Regular checkpoints sorted by step (temp files and ckpt-best.pt excluded)."""
+        return [p for _, p in self._regular()]
+
+    def _regular(self) -> list[tuple[int, Path]]:
+        if not self.ckpt_dir.is_dir():
+            return []
+        found = []
+        for entry in self.ckpt_dir.iterdir():
+            match = _CKPT_RE.match(entry.name)
+            if match and entry.is_file():
+                found.append((int(match.group(1)), entry))
+        return sorted(found)
+
+    def save(self, state: dict, *, step: int, metadata: dict, metric: float | None = None) -> Path:
+        """Write ckpt-{step}.pt atomically, then update the best copy and prune old checkpoints."""
+        if not isinstance(step, int) or step < 0:
+            raise CheckpointError(f"step={step!r} must be a non-negative int")
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps()
+        meta = {"dgan_version": _dgan_version(), "step": step, **metadata}
+        payload = {"schema_version": SCHEMA_VERSION, "metadata": meta, "state": state}
+        final = self.path_for(step)
+        _atomic_torch_save(payload, final, lambda tmp: self._verify_written(tmp, payload, step))
+        # Best before pruning: ckpt-best.pt must hold its own link before the regular file can go.
+        self._update_best(final, step, metric)
+        self._prune(step)
+        return final
+
+    def _verify_written(self, tmp: Path, payload: dict, step: int) -> None:
+        # Reading back is what turns "torch.save returned" into "a resume can load this".
+        try:
+            _check_loadable(tmp)
+        except CheckpointError as e:
+            offender = _find_unloadable(payload, "checkpoint")
+            reason = (
+                f"{offender}, which torch.load(weights_only=True) refuses; convert it to tensors/lists/dicts"
+                if offender
+                else str(e)
+            )
+            raise CheckpointError(f"not saving step {step}: {reason}") from e
+
+    def _remove_stale_temps(self) -> None:
+        for entry in self.ckpt_dir.iterdir():
+            if _TMP_RE.match(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+
+    def _prune(self, saved_step: int) -> None:
+        regular = self._regular()
+        older = [p for s, p in regular if s < saved_step]
+        newer = [p for s, p in regular if s > saved_step]
+        if newer and not self._warned_future:
+            # Left by an abandoned timeline (e.g. we resumed from an older checkpoint because the
+            # newest was corrupt). Not ours to delete; the user may want to inspect them.
+            self._warned_future = True
+            warnings.warn(
+                f"{len(newer)} checkpoint(s) in {self.ckpt_dir} are newer than step {saved_step} "
+                f"(e.g. {newer[0].name}); they are left in place and not counted by keep_last",
+                stacklevel=3,
+            )
+        # The checkpoint just written always survives; keep_last - 1 older ones join it.
+        doomed = older[: max(0, len(older) - (self.keep_last - 1))]
+        for path in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _read_best(self) -> dict | None:
+        path = self.ckpt_dir / BEST_JSON
+        if not path.exists():
+            return None
+        try:
+            best = json.loads(path.read_text(encoding="utf-8"))
+            value = float(best["value"])
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            warnings.warn(f"ignoring unreadable {path} ({_one_line(e, 80)}); the next metric becomes best")
+            return None
+        if best.get("metric") != self.best_metric or best.get("mode") != self.best_mode:
+            warnings.warn(
+                f"{path} tracks {best.get('metric')}/{best.get('mode')}, not "
+                f"{self.best_metric}/{self.best_mode}; the next metric replaces it"
+            )
+            return None
+        best["value"] = value
+        return best
+
+    def _update_best(self, final: Path, step: int, metric: float | None) -> None:
+        if self.best_metric is None or metric is None:
+            return
+        metric = float(metric)
+        if math.isnan(metric):
+            warnings.warn(f"{self.best_metric} is NaN at step {step}; not considered for {BEST_NAME}")
+            return
+        best = self._read_best()
+        if best is not None:
+            better = metric < best["value"] if self.best_mode == "min" else metric > best["value"]
+            if not better:
+                return
+        _atomic_link_or_copy(final, self.ckpt_dir / BEST_NAME)
+        record = {"metric": self.best_metric, "mode": self.best_mode, "step": step,
+                  "value": metric, "file": final.name}
+        _atomic_write_text(self.ckpt_dir / BEST_JSON, json.dumps(record, indent=2) + "\n")
+
+    def latest_valid(self) -> Path | None:
+        """Newest regular checkpoint that loads; corrupt ones are warned about and skipped, not deleted."""
+        for path in reversed(self.list()):
+            try:
+                _check_loadable(path)
+                return path
+            except CheckpointSchemaError:
+                raise  # falling back past a newer-dgan checkpoint would silently discard work
+            except CheckpointError as e:
+                warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
+        return None
+
+    def load(self, path: str | Path, map_location: Any = "cpu") -> dict:
+        return load_checkpoint(path, map_location=map_location)
+
+
+def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> Path | None:
+    """Map `--resume` to a file: None -> None, "auto" -> newest valid (or None: fresh start), else a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return Checkpointer(ckpt_dir).latest_valid()
+    path = Path(resume)
+    if path.is_dir():
+        found = Checkpointer(path).latest_valid()
+        if found is None:
+            raise CheckpointError(f"--resume {path}: directory has no valid ckpt-*.pt; pass a checkpoint file")
+        return found
+    if not path.is_file():
+        raise CheckpointError(
+            f"--resume {path}: no such checkpoint; pass an existing ckpt-*.pt or --resume auto"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state(device: torch.device | None = None) -> dict:
+    """Python, numpy, torch and (if present) CUDA RNG states, all loadable with weights_only=True."""
+    name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        # A tuple of ints (and None) round-trips through the weights_only unpickler unchanged.
+        "python": random.getstate(),
+        # numpy's key is an ndarray, which weights_only refuses; int64 holds every uint32 exactly.
+        "numpy": {"bit_generator": name, "key": torch.from_numpy(key.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        index = device.index if device is not None and device.type == "cuda" else None
+        state["cuda"] = torch.cuda.get_rng_state(index if index is not None else "cuda")
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any], device: torch.device | None = None) -> None:
+    """Inverse of capture_rng_state. A saved CUDA state is ignored when resuming on CPU."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))  # tolerate lists from other serialisers
+    np_state = state["numpy"]
+    key = np.asarray(torch.as_tensor(np_state["key"]).cpu().numpy(), dtype=np.uint32)
+    np.random.set_state((np_state["bit_generator"], key, int(np_state["pos"]),
+                         int(np_state["has_gauss"]), float(np_state["cached_gaussian"])))
+    torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        index = device.index if device is not None and device.type == "cuda" else None
+        torch.cuda.set_rng_state(torch.as_tensor(state["cuda"]).cpu(), index if index is not None else "cuda")
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _normalise(value: Any) -> Any:
+    # YAML gives lists, dataclasses.asdict may give tuples: [1, 2] and (1, 2) are the same config.
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def _fmt(value: Any) -> str:
+    if value is _MISSING:
+        return "<not set>"
+    if isinstance(value, list):
+        return json.dumps(value, separators=(",", ":"))  # no spaces: pastes as one shell word
+    return "null" if value is None else str(value)
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], keys: list[str]) -> None:
+    """Raise one CheckpointError listing every dotted key whose value differs between configs."""
+    mismatches, overrides = [], []
+    for key in keys:
+        old, new = _normalise(_lookup(saved, key)), _normalise(_lookup(current, key))
+        if old is _MISSING and new is _MISSING or old == new:
+            continue
+        mismatches.append(f"{key}: checkpoint has {_fmt(old)}, config has {_fmt(new)}")
+        if old is not _MISSING:
+            overrides.append(f"{key}={_fmt(old)}")
+    if mismatches:
+        hint = f" or the overrides {' '.join(overrides)}" if overrides else ""
+        raise CheckpointError(
+            "checkpoint does not match the config: " + "; ".join(mismatches)
+            + f" -- pass the checkpoint's config (--config runs/<run>/config.yaml){hint}"
+        )
+
+
+_SIZE_RE = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
+                      r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
+
+
+def _summarise_keys(label: str, line: str) -> str:
+    keys = re.findall(r'"([^"]+)"', line)
+    more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+    return f"{label} {', '.join(keys[:3])}{more}"
+
+
+def _summarise_load_error(message: str) -> str:
+    parts, sizes = [], []
+    for raw in message.splitlines()[1:]:
+        line = raw.strip()
+        size = _SIZE_RE.search(line)
+        if size:
+            sizes.append(f"{size.group(1)} is {size.group(2)} in the checkpoint but {size.group(3)} in the model")
+        elif line.startswith("Missing key(s)"):
+            parts.append(_summarise_keys("missing keys", line))
+        elif line.startswith("Unexpected key(s)"):
+            parts.append(_summarise_keys("unexpected keys", line))
+            if re.search(r'"(module|_orig_mod)\.', line):
+                parts.append("keys carry a DDP/compile prefix: save the unwrapped module")
+        elif line:
+            parts.append(_one_line(RuntimeError(line), 120))
+    if sizes:
+        more = f" (+{len(sizes) - 3} more size mismatches)" if len(sizes) > 3 else ""
+        parts.insert(0, "; ".join(sizes[:3]) + more)
+    return "; ".join(parts) or _one_line(RuntimeError(message))
+
+
+def load_state_dict_strict(module: torch.nn.Module, sd: Mapping[str, Any], what: str, path: str | Path) -> None:
+    """module.load_state_dict(strict=True), with key/shape errors as one line naming `what` and `path`."""
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        raise CheckpointError(
+            f"{what} in {path} does not fit the model: {_summarise_load_error(str(e))} -- the checkpoint "
+            "was made with another model config; pass its config (--config runs/<run>/config.yaml)"
+        ) from None
