@@ -1,0 +1,25 @@
+"""Data: medical images -> webdataset shards -> DDP-safe training batches.
+
+- `sources`    readers for PNG/JPG/TIFF, DICOM, NIfTI and MedMNIST npz, and the patient split
+- `shards`     the writer CLI (`python -m dgan.data.shards`), manifests, the built-in cache
+- `loader`     `build_train_data` / `TrainData` and `build_eval_images`
+- `transforms` albumentations training augmentation
+- `synthetic`  procedural phantoms, the built-in default dataset
+
+The names below are imported on first use, so `python -m dgan.data.shards` does not pay
+for (or double-import through) the torch-based loader.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"TrainData": "dgan.data.loader", "build_train_data": "dgan.data.loader",
+            "build_eval_images": "dgan.data.loader", "DataError": "dgan.data.sources"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dgan.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
