@@ -87,9 +87,10 @@ class TrainConfig:
     total_kimg: float = 32.0                  # training length in thousands of images
     batch_size: int = 32                      # per rank
     grad_accum: int = 1
-    lr_g: float = 5e-4
+    lr_g: float = 1e-3
     lr_d: float = 2e-4
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    betas_g: list[float] = field(default_factory=lambda: [0.9, 0.999])  # diffusion-model practice
+    betas_d: list[float] = field(default_factory=lambda: [0.5, 0.999])  # GAN practice: short momentum for D
     warmup_kimg: float = 0.5
     grad_clip_g: float = 1.0
     grad_clip_d: float = 1.0
@@ -310,7 +311,9 @@ def validate(cfg: Config) -> None:
     _require(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size", "batch_size and grad_accum must be >= 1")
     _require(t.total_kimg > 0, "train.total_kimg", "must be > 0")
     _require(t.lr_g > 0 and t.lr_d > 0, "train.lr_g", "learning rates must be > 0")
-    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two values in [0, 1)")
+    for name in ("betas_g", "betas_d"):
+        b = getattr(t, name)
+        _require(len(b) == 2 and all(0 <= v < 1 for v in b), f"train.{name}", "two values in [0, 1)")
     _require(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
              "use auto, cpu or cuda")
     _require(0 <= t.label_dropout < 1, "train.label_dropout", "must be in [0, 1)")

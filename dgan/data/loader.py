@@ -192,6 +192,19 @@ def own_samples(src: Iterator[dict], *, plan: LoaderPlan, epoch: int, worker: in
 # Bad data accounting
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore the stop signals; only the trainer acts on them.
+
+    torchrun forwards SIGTERM/SIGUSR1 to each rank's whole process group, and a terminal
+    sends Ctrl-C's SIGINT to the whole foreground group: by default both would kill the
+    workers, and the rank would die on "DataLoader worker exited unexpectedly" instead of
+    saving its checkpoint at the next step boundary.
+    """
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class SkipLog:
     """Skip events of one worker: (reason, url, key, detail); shipped to the main process with each batch."""
 
@@ -366,7 +379,8 @@ class TrainData:
         generator = torch.Generator().manual_seed(derive_seed(plan.seed, epoch, plan.rank, TAG_TORCH))
         loader = wds.WebLoader(RankStream(plan, epoch, start_batch), batch_size=None, num_workers=plan.num_workers,
                                generator=generator, prefetch_factor=4 if plan.num_workers else None,
-                               persistent_workers=False).with_epoch(wanted)
+                               persistent_workers=False,
+                               worker_init_fn=ignore_stop_signals if plan.num_workers else None).with_epoch(wanted)
         produced = 0
         for (x, y), events in loader:
             self._record(events)

@@ -1,0 +1,178 @@
+"""One Diffusion-GAN hybrid training step (DESIGN.md, "One training step").
+
+Per micro-batch: ONE generator forward gives eps_hat (the diffusion loss) and, through
+x0_hat, the fake image. D learns on diffused real vs diffused (detached) fake; G learns from
+L_diff + adv_weight * L_adv with D frozen. Then both optimizers step.
+
+Both players see the same D weights within a step (simultaneous updates). We do this on
+purpose: with gradient accumulation, an alternating D-then-G update would have to keep every
+micro-batch's G graph alive until D has stepped (memory x accum) or run G a second time.
+
+Nothing here reads a tensor on the host: losses are returned as tensors and reduced once per
+log interval by the caller, and a non-finite step is skipped on device (see `apply_step`).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dgan import distributed as dist
+from dgan.adaptive import AdaptiveT, diffuse, sample_tau
+from dgan.config import Config
+from dgan.diffusion import Diffusion
+from dgan.losses import d_loss, diffusion_loss, g_adv_loss, r1_penalty
+
+
+@dataclass
+class Trainables:
+    """What the step updates. G and D may be DDP-wrapped; `*_raw` are the plain modules."""
+    G: nn.Module
+    D: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    diffusion: Diffusion
+    ada: AdaptiveT
+    skip_streak: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+
+    @property
+    def D_raw(self) -> nn.Module:
+        return getattr(self.D, "module", self.D)
+
+    @property
+    def G_raw(self) -> nn.Module:
+        return getattr(self.G, "module", self.G)
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def drop_labels(y: Optional[torch.Tensor], p: float) -> Optional[torch.Tensor]:
+    """Classifier-free guidance training: replace a fraction p of labels by -1 (the null class)."""
+    if y is None or p <= 0:
+        return y
+    drop = torch.rand(y.shape, device=y.device) < p
+    return torch.where(drop, torch.full_like(y, -1), y)
+
+
+def unscale_and_clip(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     params: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscale (fp16) and clip in place. Returns (grad_norm, found_inf 0/1) as device tensors.
+
+    DDP has already averaged the gradients, so a NaN on one rank is a NaN on every rank: all
+    ranks reach the same verdict without an extra collective.
+    """
+    if scaler.is_enabled():
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+    limit = max_norm if max_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+    return grad_norm.detach(), (~torch.isfinite(grad_norm)).float()
+
+
+def apply_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, found_inf: torch.Tensor) -> None:
+    """Step unless found_inf=1, decided on device (no host sync).
+
+    The fused Adam kernel skips the whole update, step count included, when its `found_inf`
+    is 1; that is how GradScaler skips overflowed fp16 steps, and we use the same mechanism
+    for fp32/bf16. Under fp16 each GradScaler keeps its own verdict (its standard dynamic
+    loss scaling), so there G and D skip independently.
+    """
+    if scaler.is_enabled():
+        scaler.step(opt)
+        scaler.update()
+        return
+    opt.found_inf, opt.grad_scale = found_inf, None
+    opt.step()
+    del opt.found_inf, opt.grad_scale
+
+
+def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.Tensor],
+               *, do_r1: bool, sync: bool, loss_scale: float) -> dict[str, torch.Tensor]:
+    """Forward/backward for one micro-batch; gradients accumulate in .grad."""
+    g, dev = cfg.gan, x0.device
+    amp = autocast_for(cfg.train.precision, dev)
+    B = x0.shape[0]
+    y_g = drop_labels(y, cfg.train.label_dropout) if cfg.model.num_classes > 0 else None
+    y_d = y if cfg.model.num_classes > 0 else None
+
+    # -- Phase 1: one G forward -> diffusion loss and the fake x0_hat ----------------------
+    t = torch.randint(0, tr.diffusion.num_steps, (B,), device=dev)
+    eps = torch.randn_like(x0)
+    x_t = tr.diffusion.q_sample(x0, t, eps)
+    with dist.ddp_sync(tr.G, sync), amp:
+        eps_hat = tr.G(x_t, t, y_g)
+    L_diff = diffusion_loss(eps_hat.float(), eps)
+    x0_hat = tr.diffusion.predict_x0(x_t, t, eps_hat.float()).clamp(-1, 1)
+    keep = (t <= g.adv_t_max).float()  # large-t reconstructions are blurry means, not fakes
+
+    # -- Phase 2: Diffusion-GAN instance noise on real and fake -----------------------------
+    tau = sample_tau(B, tr.ada.t_adapt, t_max=g.t_max, dist=g.tau_dist, device=dev)
+    y_real = diffuse(x0, tau, tr.diffusion.alpha_bar, g.sigma)
+    y_fake = diffuse(x0_hat, tau, tr.diffusion.alpha_bar, g.sigma)
+
+    # -- Phase 3: D on real and detached fake (+ lazy R1 on clean reals), one DDP forward ---
+    tr.D_raw.requires_grad_(True)
+    d_in, d_tau = [y_real, y_fake.detach()], [tau, tau]
+    if do_r1:
+        x_r1 = x0.detach().requires_grad_(True)
+        d_in.append(x_r1)
+        d_tau.append(torch.zeros_like(tau))
+    with dist.ddp_sync(tr.D, sync), amp:
+        logits = tr.D(torch.cat(d_in), torch.cat(d_tau), None if y_d is None else y_d.repeat(len(d_in)))
+    logits = logits.float()
+    real_logits, fake_logits = logits[:B], logits[B:2 * B]
+    L_D = d_loss(real_logits, fake_logits, fake_weight=keep)
+    L_r1 = torch.zeros((), device=dev)
+    if do_r1:
+        # Lazy regularisation (StyleGAN2): every r1_every steps, weighted by gamma * r1_every
+        L_r1 = r1_penalty(logits[2 * B:], x_r1)
+        L_D = L_D + g.r1_gamma * g.r1_every * L_r1
+    tr.scaler_d.scale(L_D * loss_scale).backward()
+    tr.ada.accumulate(real_logits.detach(), B)
+
+    # -- Phase 4: G step with D frozen ------------------------------------------------------
+    # The raw module, not the DDP wrapper: D's gradients are not wanted here, so there must
+    # be no reducer waiting for them (and no wasted all-reduce).
+    tr.D_raw.requires_grad_(False)
+    with amp:
+        fake_logits_g = tr.D_raw(y_fake, tau, y_d).float()
+    L_adv = g_adv_loss(fake_logits_g, weight=keep)
+    L_G = L_diff + g.adv_weight * L_adv
+    tr.scaler_g.scale(L_G * loss_scale).backward()
+    tr.D_raw.requires_grad_(True)
+    return {"L_diff": L_diff.detach(), "L_adv": L_adv.detach(), "L_D": L_D.detach(),
+            "L_r1": L_r1.detach(), "D_real": real_logits.detach().mean(),
+            "D_fake": fake_logits.detach().mean()}
+
+
+def train_step(tr: Trainables, cfg: Config, micro_batches: list[tuple[torch.Tensor, Optional[torch.Tensor]]],
+               step: int) -> dict[str, torch.Tensor]:
+    """One optimizer step over `grad_accum` micro-batches. Returns detached metric tensors."""
+    do_r1 = cfg.gan.r1_gamma > 0 and step % cfg.gan.r1_every == 0
+    tr.opt_g.zero_grad(set_to_none=True)
+    tr.opt_d.zero_grad(set_to_none=True)
+    n = len(micro_batches)
+    sums: dict[str, torch.Tensor] = {}
+    for i, (x0, y) in enumerate(micro_batches):
+        # Only the last micro-batch all-reduces gradients (no_sync on the others).
+        out = micro_step(tr, cfg, x0, y, do_r1=do_r1, sync=(i == n - 1), loss_scale=1.0 / n)
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + v / n
+    gn_d, inf_d = unscale_and_clip(tr.opt_d, tr.scaler_d, list(tr.D_raw.parameters()), cfg.train.grad_clip_d)
+    gn_g, inf_g = unscale_and_clip(tr.opt_g, tr.scaler_g, list(tr.G_raw.parameters()), cfg.train.grad_clip_g)
+    skipped = torch.maximum(inf_d, inf_g)  # a bad G or D gradient skips both players
+    apply_step(tr.opt_d, tr.scaler_d, skipped)
+    apply_step(tr.opt_g, tr.scaler_g, skipped)
+    tr.skip_streak = (tr.skip_streak.to(skipped.device) + skipped) * skipped  # resets on a good step
+    sums.update(grad_norm_g=gn_g, grad_norm_d=gn_d, skipped=skipped)
+    return sums
+

@@ -1,0 +1,380 @@
+"""python -m dgan.train [--config FILE] [--resume auto|PATH] [section.key=value ...]
+
+Builds everything with build_* functions, then runs the loop as labelled phases. The same
+code runs as one process or under torchrun (world size 1 is just a small world).
+
+Exit codes: 0 finished; 75 preempted (SIGTERM/SIGUSR1: a checkpoint was saved, requeue and
+`--resume auto`); 130 interrupted with Ctrl-C (checkpoint saved); 1 an error.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+from dgan import __version__  # noqa: E402
+from dgan import distributed as dist  # noqa: E402
+from dgan.adaptive import AdaptiveT  # noqa: E402
+from dgan.checkpoint import (CheckpointError, Checkpointer, capture_rng_state, check_compatible,  # noqa: E402
+                             load_checkpoint, load_state_dict_strict, resolve_resume, restore_rng_state)
+from dgan.config import Config, ConfigError, load_config, save_config, to_dict  # noqa: E402
+from dgan.data import DataError, build_train_data  # noqa: E402
+from dgan.diffusion import Diffusion  # noqa: E402
+from dgan.ema import EMA  # noqa: E402
+from dgan.models import Generator, PatchDiscriminator  # noqa: E402
+from dgan.runinfo import git_hash, make_run_dir  # noqa: E402
+from dgan.sample import generate, save_grid  # noqa: E402
+from dgan.step import Trainables, train_step  # noqa: E402
+from dgan.tracking import Progress, Tracker, flatten  # noqa: E402
+
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL: "try again" -- slurm/train.sh requeues on it
+EXIT_INTERRUPTED = 130
+# Architecture keys that must match for a checkpoint's weights to load.
+ARCH_KEYS = ["model.encoder", "model.encoder_depth", "model.decoder_channels", "model.channels",
+             "model.num_classes", "model.time_dim", "model.d_channels", "model.d_layers", "model.norm",
+             "diffusion.num_steps"]
+PROGRESS_KEYS = ["kimg", "img/s", "L_diff", "L_adv", "L_D", "r_d", "T_adapt"]
+
+
+@dataclass
+class TrainState:
+    """The trainer's own state, checkpointed like any other component."""
+    step: int = 0
+    images_seen: int = 0
+    mlflow_run_id: Optional[str] = None
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.images_seen = int(d["step"]), int(d["images_seen"])
+        self.mlflow_run_id = d.get("mlflow_run_id")
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (preemption) or SIGINT (Ctrl-C); acted on at a step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"[rank {dist.get_rank()}] received {signal.Signals(signum).name}; "
+                  "saving a checkpoint at the next step boundary", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Building
+
+
+def build_models(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    m = cfg.model
+    G = Generator(channels=m.channels, encoder=m.encoder, encoder_weights=m.encoder_weights,
+                  encoder_weights_path=m.encoder_weights_path, encoder_depth=m.encoder_depth,
+                  decoder_channels=tuple(m.decoder_channels), num_classes=m.num_classes, norm=m.norm,
+                  time_dim=m.time_dim)
+    D = PatchDiscriminator(channels=m.channels, base_channels=m.d_channels, num_layers=m.d_layers,
+                           time_dim=m.time_dim, num_classes=m.num_classes,
+                           num_steps=cfg.diffusion.num_steps)
+    G, D = G.to(device), D.to(device)
+    if m.channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    return G, D
+
+
+def build_optimizer(params, lr: float, betas: list[float]) -> torch.optim.Adam:
+    # fused: one kernel per step, and it honours an on-device found_inf (see step.apply_step)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=True)
+
+
+def build_lr_schedule(opt: torch.optim.Optimizer, cfg: Config, global_batch: int):
+    warmup_steps = max(1, round(cfg.train.warmup_kimg * 1000 / global_batch))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps))
+
+
+def build_trainables(cfg: Config, device: torch.device) -> tuple[Trainables, EMA, list]:
+    G, D = build_models(cfg, device)
+    ema = EMA(G, halflife_kimg=cfg.train.ema_halflife_kimg, rampup=cfg.train.ema_rampup)
+    G_run = torch.compile(G) if cfg.model.compile else G
+    if dist.get_world_size() > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        G_run, D = DDP(G_run, device_ids=ids), DDP(D, device_ids=ids)
+    global_batch = cfg.train.batch_size * dist.get_world_size() * cfg.train.grad_accum
+    # frozen parameters (unused encoder stages) stay out of the optimizer
+    opt_g = build_optimizer([p for p in G.parameters() if p.requires_grad], cfg.train.lr_g, cfg.train.betas_g)
+    opt_d = build_optimizer(getattr(D, "module", D).parameters(), cfg.train.lr_d, cfg.train.betas_d)
+    fp16 = cfg.train.precision == "fp16"
+    tr = Trainables(G=G_run, D=D, opt_g=opt_g, opt_d=opt_d,
+                    scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
+                    scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
+                    diffusion=Diffusion(cfg.diffusion.num_steps, cfg.diffusion.schedule,
+                                        cfg.diffusion.beta_start, cfg.diffusion.beta_end, device=device),
+                    ada=AdaptiveT(target=cfg.gan.ada_target, interval=cfg.gan.ada_interval,
+                                  ada_kimg=cfg.gan.ada_kimg, t_min=cfg.gan.t_min, t_max=cfg.gan.t_max,
+                                  device=device),
+                    skip_streak=torch.zeros((), device=device))
+    scheds = [build_lr_schedule(opt_g, cfg, global_batch), build_lr_schedule(opt_d, cfg, global_batch)]
+    return tr, ema, scheds
+
+
+def build_components(tr: Trainables, ema: EMA, scheds: list, state: TrainState) -> dict:
+    """Everything with a state_dict that a checkpoint must hold (DESIGN.md state contract)."""
+    return {"G": tr.G_raw, "D": tr.D_raw, "ema": ema, "opt_g": tr.opt_g, "opt_d": tr.opt_d,
+            "scaler_g": tr.scaler_g, "scaler_d": tr.scaler_d, "ada": tr.ada,
+            "sched_g": scheds[0], "sched_d": scheds[1], "trainer": state}
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(ckpt: Checkpointer, comps: dict, cfg: Config, run_dir: Path, device) -> None:
+    """Collective: every rank contributes its RNG state; rank 0 writes the file."""
+    per_rank = dist.all_gather_object({"rng": capture_rng_state(device),
+                                       "ada_window": comps["ada"].window_state()})
+    if dist.is_main():
+        state = {name: c.state_dict() for name, c in comps.items()}
+        state["per_rank"] = per_rank
+        meta = {"config": to_dict(cfg), "dgan_version": __version__, "git": git_hash(),
+                "world_size": dist.get_world_size(), "run_dir": str(run_dir)}
+        path = ckpt.save(state, step=comps["trainer"].step, metadata=meta)
+        dist.print0(f"saved {path}")
+    dist.barrier()
+
+
+def restore_checkpoint(path: Path, comps: dict, cfg: Config, device) -> None:
+    payload = load_checkpoint(path, map_location=device)
+    check_compatible(payload["metadata"]["config"], to_dict(cfg), ARCH_KEYS)
+    state = payload["state"]
+    for name, comp in comps.items():
+        if isinstance(comp, torch.nn.Module):
+            load_state_dict_strict(comp, state[name], name, path)
+        else:
+            comp.load_state_dict(state[name])
+    saved_world = payload["metadata"]["world_size"]
+    if saved_world == dist.get_world_size():
+        mine = state["per_rank"][dist.get_rank()]
+        restore_rng_state(mine["rng"])
+        comps["ada"].load_window_state(mine["ada_window"])
+    else:
+        # Per-rank RNG streams cannot be mapped onto a different world size; reseed
+        # deterministically instead. The weights, optimizers and data position are exact.
+        dist.print0(f"warning: checkpoint was written with world size {saved_world}, now "
+                    f"{dist.get_world_size()}; RNG streams are re-seeded, the data position re-derived")
+        seed_everything(cfg.train.seed + 7919 * comps["trainer"].step)
+    dist.print0(f"resumed from {path} at step {comps['trainer'].step}")
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    rank_seed = seed * 1000 + dist.get_rank()  # each rank its own stream
+    random.seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    torch.manual_seed(rank_seed)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+
+
+def batches_for(data, state: TrainState, cfg: Config):
+    """Endless micro-batches starting at the exact data position implied by images_seen."""
+    per_rank_batches = state.images_seen // (cfg.train.batch_size * dist.get_world_size())
+    epoch, start = divmod(per_rank_batches, data.batches_per_epoch)
+    while True:
+        yield from data.epoch(epoch, start)
+        epoch, start = epoch + 1, 0
+
+
+class MetricWindow:
+    """Sums metric tensors on device; reduced across ranks and read once per log interval."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float()
+        self.n += 1
+
+    def reduce(self) -> dict[str, float]:
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        packed = torch.stack([self.sums[k] for k in keys]) / max(self.n, 1)
+        packed = dist.all_reduce_sum(packed) / dist.get_world_size()
+        out = dict(zip(keys, packed.tolist()))  # the one host sync per interval
+        out["skipped"] = out["skipped"] * self.n  # a count, not a mean
+        self.sums, self.n = {}, 0
+        return out
+
+
+def build_tracker(cfg: Config, run_dir: Path, state: TrainState, data) -> Tracker:
+    tracker = Tracker(enabled=dist.is_main(), root=cfg.log.root, experiment=cfg.log.experiment,
+                      run_name=run_dir.name, tracking_uri=cfg.log.tracking_uri, run_id=state.mlflow_run_id)
+    state.mlflow_run_id = tracker.run_id
+    params = flatten(to_dict(cfg))
+    params.update({"data.manifest_hash": data.manifest.get("hash", ""), "run_dir": str(run_dir),
+                   "world_size": dist.get_world_size(), "git": git_hash(), "dgan_version": __version__,
+                   "global_batch": cfg.train.batch_size * dist.get_world_size() * cfg.train.grad_accum})
+    tracker.log_params(params)
+    tracker.log_artifact(run_dir / "config.yaml")
+    return tracker
+
+
+def crossed(images_before: int, images_after: int, every_kimg: float) -> bool:
+    """True when images seen crossed a multiple of every_kimg in this step."""
+    every = max(1, round(every_kimg * 1000))
+    return images_before // every != images_after // every
+
+
+def log_interval(window: MetricWindow, tr: Trainables, data, state: TrainState, clock: dict,
+                 tracker: Tracker, progress: Progress, device: torch.device) -> dict[str, float]:
+    m = window.reduce()
+    now = time.perf_counter()
+    imgs = state.images_seen - clock["images"]
+    m.update({"kimg": state.images_seen / 1000, "img/s": imgs / max(now - clock["time"], 1e-9),
+              "sec/kimg": (now - clock["time"]) / max(imgs / 1000, 1e-9),
+              "r_d": float(tr.ada.r_d), "T_adapt": float(tr.ada.t_adapt), "ada_p": float(tr.ada.p),
+              "lr_g": tr.opt_g.param_groups[0]["lr"], "skip_streak": float(tr.skip_streak)})
+    skipped = torch.tensor(float(sum(data.skipped().values())))
+    m["data/skipped"] = float(dist.all_reduce_sum(skipped.to(device)))
+    if device.type == "cuda":
+        m["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    clock.update(time=now, images=state.images_seen)
+    tracker.log_metrics(m, step=state.step)
+    progress.advance(state.step, m)
+    return m
+
+
+def write_samples(ema, tr: Trainables, cfg: Config, run_dir: Path, state: TrainState, tracker: Tracker) -> None:
+    if not dist.is_main():
+        return
+    x = generate(ema.module, tr.diffusion, n=cfg.log.num_samples, sampler="ddim", steps=cfg.log.sample_steps,
+                 seed=cfg.train.seed, channels=cfg.model.channels, image_size=cfg.model.image_size,
+                 num_classes=cfg.model.num_classes)
+    path = save_grid(x, run_dir / "samples" / f"samples-{state.images_seen // 1000:06d}kimg.png")
+    save_grid(x, run_dir / "samples.png")  # the latest grid, at a fixed name
+    tracker.log_artifact(path, "samples")
+
+
+def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
+    # -- Build: data first, so a bad path fails before any model is built -----------------
+    seed_everything(cfg.train.seed)
+    data = build_train_data(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
+                            batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                            rank=dist.get_rank(), world_size=dist.get_world_size())
+    tr, ema, scheds = build_trainables(cfg, device)
+    state = TrainState()
+    comps = build_components(tr, ema, scheds, state)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=cfg.train.keep_last)
+    resume = resolve_resume(cfg.train.resume, ckpt.ckpt_dir)
+    if resume is not None:
+        restore_checkpoint(resume, comps, cfg, device)
+    tracker = build_tracker(cfg, run_dir, state, data)
+    global_batch = cfg.train.batch_size * dist.get_world_size() * cfg.train.grad_accum
+    total_steps = math.ceil(cfg.train.total_kimg * 1000 / global_batch)
+    stream, window, stop = batches_for(data, state, cfg), MetricWindow(), StopFlag()
+    dist.print0(f"run {run_dir}: {total_steps} steps of {global_batch} images "
+                f"({dist.get_world_size()} ranks x {cfg.train.batch_size} x {cfg.train.grad_accum} accum)")
+    clock = {"time": time.perf_counter(), "images": state.images_seen, "ckpt": time.monotonic()}
+    exit_code, status = 0, "FINISHED"
+    progress = Progress(total_steps=total_steps, start_step=state.step, enabled=dist.is_main() and cfg.log.progress,
+                        keys=PROGRESS_KEYS)
+    with progress:
+        while state.step < total_steps:
+            # -- Phase 1: data -------------------------------------------------------------
+            micro = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                     for x, y in (next(stream) for _ in range(cfg.train.grad_accum))]
+            # -- Phase 2: the hybrid G/D step ---------------------------------------------
+            metrics = train_step(tr, cfg, micro, state.step)
+            for sched in scheds:
+                sched.step()
+            before = state.images_seen
+            state.step, state.images_seen = state.step + 1, before + global_batch
+            # -- Phase 3: EMA of G, then the adaptive diffusion length --------------------
+            ema.update(tr.G_raw, images_seen=state.images_seen, batch_images=global_batch)
+            if tr.ada.should_update(state.step - 1):  # it takes the 0-based index of the step done
+                tr.ada.update(reduce_fn=dist.all_reduce_sum)
+            window.add(metrics)
+            last = state.step == total_steps
+            # -- Phase 4: log once per interval (the only host sync) ----------------------
+            if state.step % cfg.log.every_steps == 0 or last:
+                m = log_interval(window, tr, data, state, clock, tracker, progress, device)
+                if m["skip_streak"] >= cfg.train.max_skipped_steps:
+                    save_checkpoint(ckpt, comps, cfg, run_dir, device)
+                    raise FloatingPointError(
+                        f"{int(m['skip_streak'])} consecutive steps had non-finite losses or gradients; "
+                        f"stopped with the last good weights in {ckpt.ckpt_dir}. Lower train.lr_g/lr_d, "
+                        "use train.precision=bf16 instead of fp16, or tighten train.grad_clip_*")
+            # -- Phase 5: samples and checkpoints -----------------------------------------
+            if crossed(before, state.images_seen, cfg.log.sample_every_kimg) or last:
+                write_samples(ema, tr, cfg, run_dir, state, tracker)
+            due_time = (time.monotonic() - clock["ckpt"]) / 60 >= cfg.train.ckpt_every_min
+            stop_now, due_time = dist.any_rank_flags([stop.signum is not None, due_time])
+            if stop_now or due_time or last or crossed(before, state.images_seen, cfg.train.ckpt_every_kimg):
+                save_checkpoint(ckpt, comps, cfg, run_dir, device)
+                clock["ckpt"] = time.monotonic()
+            if stop_now:
+                interrupted = stop.signum == signal.SIGINT
+                exit_code = EXIT_INTERRUPTED if interrupted else EXIT_PREEMPTED
+                status = "KILLED"
+                dist.print0(f"stopped at step {state.step}; resume with --resume auto "
+                            f"log.run_name={run_dir.name}")
+                break
+    tracker.close(status)
+    return exit_code
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dgan.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (see configs/); defaults give the CPU quick start")
+    p.add_argument("--resume", help="'auto' (newest valid checkpoint of the run) or a checkpoint path")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr_g=1e-4 model.encoder=resnet34")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    device = dist.init(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        run_dir = make_run_dir(cfg, args.config)
+        if dist.is_main():
+            save_config(cfg, run_dir / "config.yaml")
+        return train(cfg, run_dir, device)
+    except (CheckpointError, ConfigError, DataError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
