@@ -1,0 +1,106 @@
+"""python -m dgan.train end to end, in subprocesses, exactly as the README shows it."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgan.checkpoint import load_checkpoint
+
+TINY = ["model.decoder_channels=[32,16,16,16,8]", "model.time_dim=32", "model.d_channels=16",
+        "train.batch_size=4", "data.num_images=64", "log.num_samples=4", "log.sample_steps=4",
+        "log.every_steps=5", "train.device=cpu"]
+
+
+def run_train(root: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "dgan.train", *TINY, f"log.root={root}",
+           f"data.cache_dir={root / '.cache'}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpts = sorted((run_dir / "checkpoints").glob("ckpt-0*.pt"))
+    return load_checkpoint(ckpts[-1])["state"]
+
+
+def test_quick_start_leaves_a_complete_run_dir(tmp_path):
+    r = run_train(tmp_path, "log.run_name=qs", "train.total_kimg=0.04")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "qs"
+    assert (run / "config.yaml").is_file()
+    assert list((run / "checkpoints").glob("ckpt-000000010.pt"))
+    assert (run / "samples.png").stat().st_size > 100
+    # the MLflow run: params, metrics over time, the grid and the config as artifacts
+    import mlflow
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (mrun,) = client.search_runs(client.get_experiment_by_name("dgan").experiment_id)
+    assert mrun.data.params["gan.adv_weight"] == "0.1"
+    assert mrun.data.params["data.manifest_hash"]
+    hist = client.get_metric_history(mrun.info.run_id, "L_diff")
+    assert [m.step for m in hist] == [5, 10]
+    arts = {a.path for a in client.list_artifacts(mrun.info.run_id)}
+    assert "config.yaml" in arts and "samples" in arts
+    for key in ("L_diff", "L_adv", "L_D", "r_d", "T_adapt", "img/s"):
+        assert key in r.stdout, key  # the status line carries the MLflow keys
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def test_resume_is_exact_single_process(tmp_path):
+    """2N steps straight == N steps, stop, --resume auto to 2N (G, D and EMA to 1e-6)."""
+    common = ["gan.ada_interval=3", "gan.r1_every=4", "gan.ada_kimg=0.05"]
+    a = run_train(tmp_path, "log.run_name=straight", "train.total_kimg=0.08", *common)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b1 = run_train(tmp_path, "log.run_name=split", "train.total_kimg=0.04", *common)
+    assert b1.returncode == 0, b1.stderr[-3000:]
+    b2 = run_train(tmp_path, "log.run_name=split", "train.total_kimg=0.08", "--resume", "auto", *common)
+    assert b2.returncode == 0, b2.stderr[-3000:]
+    assert "resumed from" in b2.stdout and "at step 10" in b2.stdout
+    sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
+    assert sa["trainer"]["step"] == sb["trainer"]["step"] == 20
+    for part in ("G", "D", "ema"):
+        assert max_diff(sa[part], sb[part]) <= 1e-6, part
+    assert sa["ada"] == sb["ada"]
+    # and training really moved the weights, so equality is not vacuous
+    first = load_checkpoint(sorted((tmp_path / "split" / "checkpoints").glob("ckpt-0*.pt"))[0])["state"]
+    assert max_diff(first["G"], sa["G"]) > 1e-4
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGUSR1, 75), (signal.SIGINT, 130)])
+def test_signal_saves_a_checkpoint_and_exits_with_the_documented_code(tmp_path, sig, code):
+    cmd = [sys.executable, "-m", "dgan.train", *TINY, f"log.root={tmp_path}", "log.run_name=sig",
+           f"data.cache_dir={tmp_path / '.cache'}", "train.total_kimg=100", "log.every_steps=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # wait until steps are really being taken
+            if line.startswith("step 3/"):
+                break
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, out[-3000:]
+    ckpts = sorted((tmp_path / "sig" / "checkpoints").glob("ckpt-0*.pt"))
+    assert len(ckpts) == 1
+    step = load_checkpoint(ckpts[0])["state"]["trainer"]["step"]
+    assert 3 <= step < 50
+    # a relaunch resumes from it
+    r = run_train(tmp_path, "log.run_name=sig", f"train.total_kimg={(step + 2) * 4 / 1000}", "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {step}" in r.stdout
+
+
+def test_bad_checkpoint_architecture_is_a_one_line_error(tmp_path):
+    r = run_train(tmp_path, "log.run_name=arch", "train.total_kimg=0.008")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(tmp_path, "log.run_name=arch", "train.total_kimg=0.016", "--resume", "auto",
+                  "model.decoder_channels=[64,32,16,16,8]")
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()[-1]
+    assert "model.decoder_channels" in err and "checkpoint has" in err
