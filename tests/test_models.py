@@ -154,10 +154,13 @@ def test_generator_gradients_reach_every_parameter() -> None:
     _g_loss(g).backward()
     # zero-init FiLM still learns: its gradient is d(loss)/d(gamma,beta) x act
     assert all(_nonzero_grad(p) for p in g.film.parameters())
+    # the zero-init full-resolution refinement learns the same way, from its last conv
+    assert all(_nonzero_grad(p) for p in g.refine.conv_out.parameters())
     assert all(p.grad is not None for p in g.parameters())
-    # once FiLM is non-zero the embeddings behind it get gradient too
+    # once FiLM and the refinement's output conv are non-zero, everything behind them gets gradient
     g.zero_grad(set_to_none=True)
     perturb(g.film)
+    perturb(g.refine.conv_out)
     _g_loss(g).backward()
     dead = [name for name, p in g.named_parameters() if not _nonzero_grad(p)]
     assert dead == []

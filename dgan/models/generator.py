@@ -101,6 +101,11 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path, encoder_name: str
     # Classifier heads of full torchvision/timm backbones are not part of the encoder.
     file_state = {k: v for k, v in file_state.items() if not k.startswith("fc.")}
     model_state = encoder.state_dict()
+    # A BatchNorm file (e.g. ImageNet weights) loads into a GroupNorm encoder: the affine
+    # weights carry over, the running statistics have nowhere to go and are dropped.
+    bn_buffers = ("running_mean", "running_var", "num_batches_tracked")
+    file_state = {k: v for k, v in file_state.items()
+                  if k in model_state or not k.endswith(bn_buffers)}
     _adapt_first_conv(file_state, model_state)
     try:
         encoder.load_state_dict(file_state, strict=True)
@@ -164,6 +169,32 @@ def batchnorm_to_groupnorm(module: nn.Module, max_groups: int = 32) -> int:
     return count
 
 
+class FullResRefine(nn.Module):
+    """A full-resolution path from the input to the output, conditioned on t.
+
+    Why: smp's UNet++ decoder drops encoder stage 0 (the input itself), and a ResNet stem
+    downsamples 4x before its first block. At small t, eps is pixel-level noise that G must
+    reproduce exactly, and nothing at full resolution carries it to the output: the
+    diffusion loss then plateaus high. This block sees [decoder output, x_t] at full
+    resolution. Its last conv is zero-initialised, so at init G is still the plain UNet++.
+    """
+
+    def __init__(self, decoder_channels: int, in_channels: int, out_channels: int, time_dim: int,
+                 width: int = 32) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(decoder_channels + in_channels, width, 3, padding=1)
+        self.norm = nn.GroupNorm(math.gcd(8, width), width)
+        self.film = nn.Linear(time_dim, 2 * width)
+        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, decoded: Tensor, x_in: Tensor, act: Tensor) -> Tensor:
+        h = self.norm(self.conv_in(torch.cat([decoded, x_in], dim=1)))
+        gamma, beta = self.film(act)[:, :, None, None].chunk(2, dim=1)
+        return self.conv_out(nn.functional.silu(h * (1 + gamma) + beta))
+
+
 class Generator(nn.Module):
     """``eps_hat = G(x_t, t[, y][, cond])`` built on a segmentation_models_pytorch UNet++.
 
@@ -207,14 +238,15 @@ class Generator(nn.Module):
             encoder, encoder_weights, encoder_depth, decoder_channels,
             in_channels=channels + cond_channels, out_channels=channels,
         )
-        if encoder_weights_path is not None:
-            load_encoder_weights(self.unet.encoder, encoder_weights_path, encoder)
         if norm == "group":
             batchnorm_to_groupnorm(self.unet)
+        if encoder_weights_path is not None:
+            load_encoder_weights(self.unet.encoder, encoder_weights_path, encoder)
         self.frozen_encoder_params = _freeze_unused_params(self.unet.encoder, self.image_multiple)
         self.time_embed = TimeEmbedding(time_dim)
         self.class_embed = ClassEmbedding(num_classes, time_dim) if num_classes > 0 else None
         self.film = self._build_film(self.unet.encoder.out_channels, time_dim)
+        self.refine = FullResRefine(decoder_channels[-1], channels + cond_channels, channels, time_dim)
         # smp < 0.5 decoders take the features as *args, 0.5+ as one list
         params = inspect.signature(self.unet.decoder.forward).parameters.values()
         self._decoder_takes_varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
@@ -282,4 +314,4 @@ class Generator(nn.Module):
             decoded = self.unet.decoder(*features)
         else:
             decoded = self.unet.decoder(features)
-        return self.unet.segmentation_head(decoded)
+        return self.unet.segmentation_head(decoded) + self.refine(decoded, x_t, act)
