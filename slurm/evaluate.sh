@@ -53,7 +53,8 @@ export NO_ALBUMENTATIONS_UPDATE="${NO_ALBUMENTATIONS_UPDATE:-1}"
 cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((cpus / nproc_per_node > 0 ? cpus / nproc_per_node : 1))}"
 
-eval_args=(--fid --kid --psnr --ssim --run "$RUN_DIR")
+# --run-dir, not --run: torchrun would take --run as an abbreviation of its own --run-path
+eval_args=(--fid --kid --psnr --ssim --run-dir "$RUN_DIR")
 if [[ -n "${NUM_SAMPLES:-}" ]]; then
     eval_args+=(--num-samples "$NUM_SAMPLES")
 fi

@@ -379,7 +379,7 @@ def test_slurm_evaluate_argv(fakes: Fakes) -> None:
     assert fakes.torchrun_record()["argv"] == [
         "--nnodes=2", "--nproc_per_node=4", f"--rdzv_id={JOB_ID}", "--rdzv_backend=c10d",
         f"--rdzv_endpoint=gpu-a01:{RDZV_PORT}", "-m", "dgan.evaluate",
-        "--fid", "--kid", "--psnr", "--ssim", "--run", str(run_dir), "--num-samples", "5000",
+        "--fid", "--kid", "--psnr", "--ssim", "--run-dir", str(run_dir), "--num-samples", "5000",
         "--extra", "x",
     ]
     assert fakes.srun_argv.read_text().splitlines()[:4] == [

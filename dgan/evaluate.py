@@ -1,0 +1,638 @@
+"""python -m dgan.evaluate: FID/KID/PSNR/SSIM of a checkpoint's EMA generator.
+
+    python -m dgan.evaluate --fid --kid --psnr --ssim [--run DIR | --checkpoint PATH]
+        [--num-samples N] [--sampler ddim|ddpm|dpmpp2m --steps 50] [--batch-size B] [--seed S]
+        [--fid-weights PATH] [--feature-extractor model.pt] [--reference val|train]
+        [--t-values 50,100,250,500] [--root runs] [--no-mlflow]
+
+With no metric flag, all four are computed. With neither --run nor --checkpoint, the newest run
+under --root (the one whose newest checkpoint was written last) is evaluated, at its newest
+valid checkpoint.
+
+Generation. Sample i starts from noise seeded by (seed, i) and, for conditional models, has label
+i % num_classes, so the sample set does not depend on the batch size or on the number of ranks
+(up to float rounding between batch compositions; DDPM's per-step noise is drawn per batch, so
+DDPM is reproducible for the same world size and batch size). Under torchrun, rank r generates the
+indices i with i % world_size == r and rank 0 gathers exactly N samples in index order. Write
+--run-dir there: torchrun's own parser takes --run for an abbreviation of its --run-path.
+
+Reference. The held-out split of the run's data config (--reference val, default) or its training
+images (--reference train). FID and KID are computed against it with torch-fidelity
+(dgan.metrics.fid_kid); reference statistics are cached under <runs root>/.cache/fid.
+
+PSNR/SSIM. One-step reconstructions: x_t = q(x0, t) of held-out images, then
+x0_hat = clamp(predict_x0(x_t, G(x_t, t)), -1, 1), scored against x0 for each t in --t-values
+(keys psnr_t<t>, ssim_t<t>).
+
+Results. <run>/eval/eval-<step>.json, a table on the console, a sample grid
+<run>/eval/samples-<step>.png, and (unless --no-mlflow) the metrics as eval/<key> on the training
+run's MLflow record, at step = the checkpoint's step.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+# Offline first (DESIGN.md); set before anything that could reach a hub is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dgan import distributed as dist  # noqa: E402
+
+METRICS = ("fid", "kid", "psnr", "ssim")
+SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
+REFERENCES = ("val", "train")
+DEFAULT_T_VALUES = (50, 100, 250, 500)
+DEFAULT_RECON_IMAGES = 1000
+GRID_IMAGES = 64
+# Seed-derivation tags: each random stream gets its own, so no two streams can coincide.
+_TAG_INITIAL_NOISE, _TAG_STEP_NOISE, _TAG_RECON_NOISE = 0, 1, 2
+LABEL_SHIFT_WARNING = (
+    "reference is the npz 'val' split: in the shared PneumoniaMNIST copy its label mix differs from "
+    "train (74% vs 90% pneumonia, mean pixel 145.1 vs 147.0), so FID/KID also measure that shift, "
+    "not only sample quality; for quality numbers use --reference train (and say so)")
+
+
+class EvalError(RuntimeError):
+    """A user-facing evaluation problem; the message is one line that says what to do."""
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """What one evaluation produced. ``samples`` (uint8, index order) is set on rank 0 only."""
+
+    metrics: dict[str, float]
+    info: dict[str, Any]
+    samples: Optional[torch.Tensor] = None
+    sample_ranks: Optional[torch.Tensor] = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeded, rank-independent generation
+# --------------------------------------------------------------------------------------------------
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from non-negative ints; SeedSequence mixes them so nearby tuples are unrelated."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def initial_noise(indices: Sequence[int], seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """x_T for the given sample indices, on the CPU: sample i's noise depends on (seed, i) only."""
+    out = torch.empty((len(indices), *shape))
+    for row, index in enumerate(indices):
+        gen = torch.Generator().manual_seed(derive_seed(seed, _TAG_INITIAL_NOISE, index))
+        out[row] = torch.randn(tuple(shape), generator=gen)
+    return out
+
+
+def rank_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
+    """This rank's disjoint share of 0..N-1 (i % world_size == rank); together they cover each once."""
+    return list(range(rank, num_samples, world_size))
+
+
+@torch.no_grad()
+def generate_indices(G: torch.nn.Module, diffusion, indices: Sequence[int], *, sampler: str, steps: int,
+                     seed: int, channels: int, image_size: int, num_classes: int, batch_size: int,
+                     device: torch.device) -> torch.Tensor:
+    """Samples (float [-1, 1], CPU) for the given indices, in that order, from the EMA generator."""
+    from dgan.sample import guided_model_fn
+
+    shape = (channels, image_size, image_size)
+    out = [torch.empty((0, *shape))]
+    was_training = G.training
+    G.eval()
+    try:
+        for start in range(0, len(indices), batch_size):
+            chunk = list(indices[start:start + batch_size])
+            x_T = initial_noise(chunk, seed, shape).to(device)
+            labels = torch.tensor(chunk, device=device) % num_classes if num_classes > 0 else None
+            # DDPM draws fresh noise at every step; its stream is seeded by the batch's first index.
+            step_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, _TAG_STEP_NOISE, chunk[0]))
+            x = diffusion.sample(guided_model_fn(G, labels, 1.0), sampler, x_T=x_T, steps=steps,
+                                 generator=step_gen)
+            out.append(x.cpu())
+    finally:
+        G.train(was_training)
+    return torch.cat(out)
+
+
+def gather_in_order(indices: Sequence[int], images: torch.Tensor,
+                    num_samples: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Collective. Rank 0 gets (exactly N images in index order, the rank that made each); others None.
+
+    Raises when the gathered indices are not exactly 0..N-1 once each: a duplicate or a gap would
+    silently bias FID/KID.
+    """
+    parts = dist.all_gather_object((list(indices), images))
+    if not dist.is_main():
+        return None, None
+    gathered = [i for part_indices, _ in parts for i in part_indices]
+    if sorted(gathered) != list(range(num_samples)):
+        raise EvalError(f"gathered {len(gathered)} sample indices ({len(set(gathered))} distinct), "
+                        f"expected exactly 0..{num_samples - 1}")
+    ranks = torch.tensor([rank for rank, (part, _) in enumerate(parts) for _ in part], dtype=torch.int64)
+    order = torch.tensor(gathered, dtype=torch.int64).argsort()
+    return torch.cat([part_images for _, part_images in parts])[order], ranks[order]
+
+
+def generate_distributed(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, sampler: str, steps: int,
+                         seed: int, batch_size: int,
+                         device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Collective: every rank generates its share; rank 0 gets N uint8 samples (and their ranks)."""
+    from dgan.metrics import to_uint8
+
+    mine = rank_indices(num_samples, dist.get_rank(), dist.get_world_size())
+    x = generate_indices(G, diffusion, mine, sampler=sampler, steps=steps, seed=seed,
+                         channels=cfg.model.channels, image_size=cfg.model.image_size,
+                         num_classes=cfg.model.num_classes, batch_size=batch_size, device=device)
+    # uint8 before the gather: a quarter of the bytes, and exactly what FID/KID score.
+    return gather_in_order(mine, to_uint8(x), num_samples)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference images and reconstruction metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_split(cfg, reference: str) -> str:
+    """The data split behind --reference: for npz, 'train' means the split the run trained on."""
+    if reference not in REFERENCES:
+        raise EvalError(f"--reference {reference!r}: use one of {', '.join(REFERENCES)}")
+    if reference == "train" and cfg.data.source == "npz":
+        return cfg.data.split
+    return reference
+
+
+def load_reference(cfg, reference: str, max_images: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference images (float [-1, 1]) and labels, preprocessed like the training data."""
+    from dgan.data import build_eval_images
+
+    images, labels = build_eval_images(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
+                                       split=reference_split(cfg, reference), max_images=max_images)
+    if images.shape[0] < 2:
+        raise EvalError(f"reference split {reference!r} has {images.shape[0]} image(s); FID/KID need at least 2")
+    return images, labels
+
+
+def reference_cache_key(cfg, reference: str, images: torch.Tensor) -> str:
+    """Cache key of the reference statistics: the shard manifest hash where there is one, else the bytes."""
+    digest = None
+    pattern = {"val": cfg.data.val_shards, "train": cfg.data.shards}[reference]
+    if cfg.data.source == "shards" and pattern:
+        from dgan.data.shards import resolve_shards
+
+        digest = str(resolve_shards(pattern).manifest.get("hash", ""))[:16] or None
+    if digest is None:
+        digest = hashlib.blake2b(images.contiguous().numpy().tobytes(), digest_size=8).hexdigest()
+    return f"{cfg.data.source}_{reference}_{digest}"
+
+
+@torch.no_grad()
+def reconstruction_metrics(G: torch.nn.Module, diffusion, x0: torch.Tensor, labels: Optional[torch.Tensor],
+                           t_values: Sequence[int], *, seed: int, batch_size: int,
+                           device: torch.device) -> dict[str, float]:
+    """PSNR/SSIM of one-step x0 predictions from q(x0, t), per t: {"psnr_t50": ..., "ssim_t50": ...}."""
+    from dgan.metrics import psnr_ssim
+    from dgan.sample import guided_model_fn
+
+    out: dict[str, float] = {}
+    was_training = G.training
+    G.eval()
+    try:
+        for t in t_values:
+            # All of eps at once from one generator: the numbers do not depend on batch_size.
+            gen = torch.Generator().manual_seed(derive_seed(seed, _TAG_RECON_NOISE, t))
+            eps = torch.randn(x0.shape, generator=gen)
+            preds = []
+            for start in range(0, x0.shape[0], batch_size):
+                xb, eb = x0[start:start + batch_size].to(device), eps[start:start + batch_size].to(device)
+                tb = torch.full((xb.shape[0],), int(t), dtype=torch.long, device=device)
+                yb = None if labels is None else labels[start:start + batch_size].to(device)
+                x_t = diffusion.q_sample(xb, tb, eb)
+                eps_hat = guided_model_fn(G, yb, 1.0)(x_t, tb)
+                preds.append(diffusion.predict_x0(x_t, tb, eps_hat).clamp(-1, 1).cpu())
+            scores = psnr_ssim(torch.cat(preds), x0, data_range=2.0)
+            out[f"psnr_t{t}"], out[f"ssim_t{t}"] = scores["psnr"], scores["ssim"]
+    finally:
+        G.train(was_training)
+    return out
+
+
+def _conditioning_labels(cfg, labels: torch.Tensor) -> Optional[torch.Tensor]:
+    """Reference labels for a conditional G when they fit its classes; else unconditional (None)."""
+    k = cfg.model.num_classes
+    if k > 0 and labels.numel() and int(labels.min()) >= 0 and int(labels.max()) < k:
+        return labels
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation itself (used by the CLI and, for periodic evaluation, by the trainer)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_request(metrics: Iterable[str], *, sampler: str, steps: int, num_samples: int, t_values: Sequence[int],
+                  num_steps: Optional[int], extractor_path=None, fid_weights=None) -> dict[str, Any]:
+    """Validate everything that can be checked before any work; return the feature-extractor record.
+
+    Raises EvalError, or MetricError for missing Inception weights: nothing is downloaded, so this is
+    where an offline run without the weights stops, before a long generation.
+    """
+    from dgan.metrics import INCEPTION, resolve_inception_weights
+
+    chosen = set(metrics)
+    if not chosen or chosen - set(METRICS):
+        raise EvalError(f"metrics {sorted(chosen)}: choose from {', '.join(METRICS)}")
+    if sampler not in SAMPLERS:
+        raise EvalError(f"sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if steps < 1 or (num_steps is not None and steps > num_steps and sampler != "ddpm"):
+        raise EvalError(f"--steps {steps}: must be in 1..{num_steps or 'T'}")
+    if chosen & {"psnr", "ssim"}:
+        # T is unknown before the checkpoint is read (num_steps None): then only the sign is checked.
+        bad = [t for t in t_values if t < 0 or (num_steps is not None and t >= num_steps)]
+        if not t_values or bad:
+            top = num_steps - 1 if num_steps is not None else "T-1"
+            raise EvalError(f"--t-values {list(t_values)}: need timesteps in 0..{top}")
+    if not chosen & {"fid", "kid"}:
+        return {"name": None}
+    if num_samples < 2:
+        raise EvalError(f"--num-samples {num_samples}: FID/KID need at least 2 samples")
+    if extractor_path is not None:
+        path = Path(extractor_path).expanduser()
+        if not path.is_file():
+            raise EvalError(f"--feature-extractor {path}: no such file (a TorchScript module, uint8 NxCxHxW -> NxD)")
+        return {"name": "torchscript", "path": str(path.resolve()), "sha256": _sha256(path)}
+    return {"name": INCEPTION, "path": str(resolve_inception_weights(fid_weights))}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _reference_info(cfg, reference: str, count: int, cache_key: Optional[str]) -> dict[str, Any]:
+    info = {"split": reference_split(cfg, reference), "requested": reference, "source": cfg.data.source,
+            "num_images": count, "cache_key": cache_key}
+    if cfg.data.source == "npz":
+        info["path"] = cfg.data.path
+    if cfg.data.source == "npz" and reference == "val":
+        info["warning"] = LABEL_SHIFT_WARNING
+    return info
+
+
+def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, sampler: str, steps: int, seed: int,
+                   metrics: Iterable[str], device: torch.device, extractor_path=None, fid_weights=None,
+                   reference: str = "val", batch_size: int = 64, t_values: Sequence[int] = DEFAULT_T_VALUES,
+                   recon_images: int = DEFAULT_RECON_IMAGES, reference_images: Optional[int] = None,
+                   cache_dir=None) -> EvalResult:
+    """Collective: call on every rank. Metrics and info are broadcast to all ranks; samples stay on rank 0."""
+    chosen = set(metrics)
+    extractor = check_request(chosen, sampler=sampler, steps=steps, num_samples=num_samples, t_values=t_values,
+                              num_steps=diffusion.num_steps, extractor_path=extractor_path, fid_weights=fid_weights)
+    want_fid = bool(chosen & {"fid", "kid"})
+    scores: dict[str, float] = {}
+    info: dict[str, Any] = {}
+    if dist.is_main():  # fail on data problems before the long generation
+        real, labels = load_reference(cfg, reference, reference_images)
+        key = reference_cache_key(cfg, reference, real) if want_fid else None
+        info["reference"] = _reference_info(cfg, reference, real.shape[0], key)
+        if chosen & {"psnr", "ssim"}:
+            n = min(recon_images, real.shape[0])
+            recon = reconstruction_metrics(G, diffusion, real[:n], _conditioning_labels(cfg, labels[:n]), t_values,
+                                           seed=seed, batch_size=batch_size, device=device)
+            scores.update({k: v for k, v in recon.items() if k.split("_t")[0] in chosen})
+            info["reference"]["recon_images"] = n
+    samples = ranks = None
+    clock = time.perf_counter()
+    if want_fid:
+        samples, ranks = generate_distributed(G, diffusion, cfg, num_samples=num_samples, sampler=sampler,
+                                              steps=steps, seed=seed, batch_size=batch_size, device=device)
+    info["generation_s"] = round(time.perf_counter() - clock, 3)
+    if dist.is_main() and want_fid:
+        scores.update(_fid_kid(real, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg, device,
+                               batch_size))
+    info.update(extractor=extractor, world_size=dist.get_world_size())
+    scores, info = dist.broadcast_object((scores, info))
+    return EvalResult(metrics=scores, info=info, samples=samples, sample_ranks=ranks)
+
+
+def _fid_kid(real, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg, device,
+             batch_size) -> dict[str, float]:
+    from dgan.metrics import fid_kid, to_uint8
+
+    cache = Path(cache_dir) if cache_dir is not None else Path(cfg.log.root) / ".cache" / "fid"
+    out = fid_kid(to_uint8(real), samples, extractor_path=extractor_path, fid_weights=fid_weights,
+                  cache_dir=cache, real_cache_key=key, device=device, batch_size=batch_size,
+                  fid="fid" in chosen, kid="kid" in chosen)
+    return out
+
+
+def evaluate_generator(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, sampler: str, steps: int, seed: int,
+                       metrics: Iterable[str], extractor_path=None, fid_weights=None, reference: str = "val",
+                       device: torch.device, batch_size: int = 64, t_values: Sequence[int] = DEFAULT_T_VALUES,
+                       cache_dir=None) -> dict[str, float]:
+    """Metrics of generator G (pass the EMA module) as a flat dict, e.g. {"fid", "kid", "kid_std",
+    "psnr_t100", "ssim_t100"}.
+
+    Collective: call it on every rank at the same point; every rank gets the same dict. G's train/eval
+    mode is restored afterwards and the global RNG streams are not touched (all noise comes from
+    seeded generators), so calling it inside a training loop keeps exact resume intact.
+    """
+    device = torch.device(device)
+    # fork_rng: a guarantee rather than a promise; the evaluation draws only from its own generators.
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        return run_evaluation(G, diffusion, cfg, num_samples=num_samples, sampler=sampler, steps=steps, seed=seed,
+                              metrics=metrics, device=device, extractor_path=extractor_path, fid_weights=fid_weights,
+                              reference=reference, batch_size=batch_size, t_values=t_values,
+                              cache_dir=cache_dir).metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def find_checkpoint(run: Optional[str], checkpoint: Optional[str], root: str) -> tuple[Path, Path]:
+    """(checkpoint file, run dir): --checkpoint as given, else the newest valid one of --run or of the
+    newest run under --root (the run whose newest checkpoint was written last)."""
+    from dgan.checkpoint import Checkpointer
+    from dgan.runinfo import newest_run_with_checkpoints
+
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser().resolve()
+        if not path.is_file():
+            raise EvalError(f"--checkpoint {path}: no such file")
+        return path, path.parent.parent  # runs/<run>/checkpoints/ckpt-*.pt
+    run_dir = Path(run).expanduser() if run is not None else newest_run_with_checkpoints(Path(root).expanduser())
+    if run_dir is None:
+        raise EvalError(f"no run with checkpoints under --root {root}; pass --run DIR or --checkpoint PATH")
+    found = Checkpointer(run_dir / "checkpoints").latest_valid()
+    if found is None:
+        raise EvalError(f"{run_dir}: no valid checkpoints/ckpt-*.pt; pass --checkpoint PATH")
+    return found.resolve(), run_dir.resolve()
+
+
+def checkpoint_record(path: Path) -> dict[str, Any]:
+    """Step, images seen and the training run's MLflow id, from the checkpoint's trainer state."""
+    from dgan.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(path)
+    trainer = payload["state"].get("trainer", {})
+    step = int(payload["metadata"].get("step", trainer.get("step", 0)))
+    return {"path": str(path), "step": step, "images_seen": int(trainer.get("images_seen", 0)),
+            "mlflow_run_id": trainer.get("mlflow_run_id")}
+
+
+def _mlflow_status(uri: str, run_id: Optional[str]) -> Optional[str]:
+    """The run's status, or None when there is no such run in the store."""
+    if run_id is None:
+        return None
+    from dgan.tracking import import_mlflow
+
+    mlflow = import_mlflow()
+    try:
+        return mlflow.tracking.MlflowClient(tracking_uri=uri).get_run(run_id).info.status
+    except Exception:  # noqa: BLE001 - unknown run or unreadable store: Tracker warns and starts a linked run
+        return None
+
+
+def open_training_run(cfg, run_dir: Path, run_id: Optional[str]):
+    """(Tracker on the training run, its status before we touched it). Without that run in the store,
+    Tracker starts a linked evaluation run instead (tagged with the run dir)."""
+    from dgan.tracking import Tracker, default_tracking_uri
+
+    uri = cfg.log.tracking_uri or default_tracking_uri(run_dir.parent)  # the store next to the run dirs
+    before = _mlflow_status(uri, run_id)
+    tracker = Tracker(enabled=True, root=run_dir.parent, experiment=cfg.log.experiment,
+                      run_name=run_dir.name if before else f"{run_dir.name}-eval", tracking_uri=uri,
+                      run_id=run_id if before else None)
+    return tracker, before
+
+
+def close_training_run(tracker, before: Optional[str]) -> None:
+    # Reopening marks the run RUNNING; put back what it was. A run still training stays RUNNING.
+    from dgan.tracking import RUN_STATUSES
+
+    if before is None:
+        tracker.close("FINISHED")
+    elif before in RUN_STATUSES:
+        tracker.close(before)
+
+
+def build_report(result: EvalResult, args: argparse.Namespace, record: dict, run_dir: Path,
+                 diffusion, chosen: Sequence[str], mlflow_run_id: Optional[str]) -> dict[str, Any]:
+    """The JSON written to <run>/eval/eval-<step>.json."""
+    from dgan import __version__
+
+    return {
+        "metrics": result.metrics,
+        "checkpoint": {k: record[k] for k in ("path", "step", "images_seen")},
+        "run_dir": str(run_dir),
+        "num_samples": 0 if result.samples is None else int(result.samples.shape[0]),
+        "sampler": args.sampler,
+        "steps": diffusion.num_steps if args.sampler == "ddpm" else args.steps,  # DDPM always runs T steps
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "world_size": result.info["world_size"],
+        "reference": result.info.get("reference"),
+        "extractor": result.info["extractor"],
+        "t_values": list(args.t_values) if {"psnr", "ssim"} & set(chosen) else [],
+        "mlflow_run_id": mlflow_run_id,
+        "generation_s": result.info["generation_s"],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dgan_version": __version__,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # a reader (or a concurrent evaluation) never sees half a file
+
+
+def write_outputs(result: EvalResult, args: argparse.Namespace, record: dict, run_dir: Path, cfg, diffusion,
+                  chosen: Sequence[str]) -> dict[str, Any]:
+    """Rank 0: grid, optional sample dump, MLflow, JSON. Returns the report."""
+    from dgan.sample import save_grid
+
+    step = record["step"]
+    eval_dir = run_dir / "eval"
+    grid = None
+    if result.samples is not None:
+        shown = result.samples[:GRID_IMAGES].to(torch.float32) / 127.5 - 1.0
+        grid = save_grid(shown, eval_dir / f"samples-{step:09d}.png")
+    if args.dump_samples and result.samples is not None:
+        Path(args.dump_samples).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": result.samples, "ranks": result.sample_ranks, "seed": args.seed},
+                   args.dump_samples)
+    json_path = Path(args.out) if args.out else eval_dir / f"eval-{step:09d}.json"
+    tracker = before = None
+    if not args.no_mlflow:
+        tracker, before = open_training_run(cfg, run_dir, record["mlflow_run_id"])
+    report = build_report(result, args, record, run_dir, diffusion, chosen,
+                          tracker.run_id if tracker is not None else record["mlflow_run_id"])
+    _write_json(json_path, report)
+    if tracker is not None:
+        tracker.log_metrics({f"eval/{k}": v for k, v in result.metrics.items()}, step=step)
+        tracker.set_tags({"eval.checkpoint": record["path"], "eval.step": step, "eval.run_dir": str(run_dir),
+                          "eval.reference": (report["reference"] or {}).get("split", "")})
+        for artifact in (json_path, grid):
+            if artifact is not None:
+                tracker.log_artifact(artifact, "eval")
+        close_training_run(tracker, before)
+    report["json_path"] = str(json_path)
+    return report
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dgan.tracking import format_value
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))  # a SLURM log: no wrapping at 80 columns
+    ref = report["reference"] or {}
+    console.print(f"checkpoint {report['checkpoint']['path']} (step {report['checkpoint']['step']})",
+                  highlight=False)
+    table = Table(title="dgan.evaluate")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report["metrics"].items():
+        table.add_row(key, format_value(value))
+    console.print(table)
+    extractor = report["extractor"].get("name") or "-"
+    console.print(f"samples {report['num_samples']} ({report['sampler']}, {report['steps']} steps, seed "
+                  f"{report['seed']}, world size {report['world_size']}); reference {ref.get('source')} "
+                  f"split {ref.get('split')} ({ref.get('num_images')} images); extractor {extractor}",
+                  highlight=False)
+    console.print(f"wrote {report['json_path']}", highlight=False)
+
+
+def _t_values(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 50,100,250,500")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one timestep")
+    return values
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 0")
+    return value
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dgan.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in METRICS:
+        p.add_argument(f"--{name}", action="store_true", help=f"compute {name.upper()} (no metric flag: all four)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--run", "--run-dir", dest="run",
+                       help="run directory (default: the newest run under --root); under torchrun write "
+                            "--run-dir, since torchrun takes --run as an abbreviation of its --run-path")
+    where.add_argument("--checkpoint", help="a checkpoint file (default: the run's newest valid one)")
+    p.add_argument("--root", default="runs", help="where runs live (log.root); used without --run/--checkpoint")
+    p.add_argument("--num-samples", type=int, default=5000, help="generated images for FID/KID")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (ddpm always runs all T)")
+    p.add_argument("--batch-size", type=int, default=64, help="per-rank generation batch")
+    p.add_argument("--seed", type=_non_negative, default=0)
+    p.add_argument("--fid-weights", help="Inception weights file (default: the torch hub cache)")
+    p.add_argument("--feature-extractor", help="TorchScript extractor (uint8 NxCxHxW -> NxD) instead of Inception")
+    p.add_argument("--reference", default="val", choices=REFERENCES, help="held-out split or the training images")
+    p.add_argument("--reference-images", type=int, default=None, help="use at most this many reference images")
+    p.add_argument("--t-values", type=_t_values, default=DEFAULT_T_VALUES, help="PSNR/SSIM timesteps, e.g. 50,100")
+    p.add_argument("--recon-images", type=int, default=DEFAULT_RECON_IMAGES,
+                   help="held-out images scored by PSNR/SSIM (the first N)")
+    p.add_argument("--out", help="JSON path (default: <run>/eval/eval-<step>.json)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to the MLflow store")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dump-samples", help="also torch.save the gathered uint8 samples here (for checks)")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.device) -> int:
+    from dgan.sample import load_generator
+
+    # Rank 0 decides: a checkpoint written meanwhile must not make ranks evaluate different files.
+    located = find_checkpoint(args.run, args.checkpoint, args.root) if dist.is_main() else None
+    ckpt, run_dir = dist.broadcast_object(located)
+    G, cfg, diffusion, _ = load_generator(ckpt, device)
+    record = checkpoint_record(ckpt) if dist.is_main() else None
+    if dist.is_main():
+        print(f"dgan.evaluate: {', '.join(chosen)} of {ckpt} (step {record['step']}) on "
+              f"{dist.get_world_size()} rank(s), reference split {reference_split(cfg, args.reference)}", flush=True)
+        if cfg.data.source == "npz" and args.reference == "val":
+            print(f"dgan.evaluate: warning: {LABEL_SHIFT_WARNING}", file=sys.stderr, flush=True)
+    result = run_evaluation(G, diffusion, cfg, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
+                            seed=args.seed, metrics=chosen, device=device, extractor_path=args.feature_extractor,
+                            fid_weights=args.fid_weights, reference=args.reference, batch_size=args.batch_size,
+                            t_values=args.t_values, recon_images=args.recon_images,
+                            reference_images=args.reference_images, cache_dir=run_dir.parent / ".cache" / "fid")
+    if dist.is_main():
+        print_report(write_outputs(result, args, record, run_dir, cfg, diffusion, chosen))
+    dist.barrier()  # the other ranks leave only once the results are on disk
+    return 0
+
+
+def _error(err: Exception) -> int:
+    print(f"dgan.evaluate: error: {err}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    chosen = [m for m in METRICS if getattr(args, m)] or list(METRICS)
+    from dgan.metrics import MetricError
+
+    try:
+        # First, before the checkpoint, the data and any generation are even imported: bad options
+        # and missing Inception weights stop the command within seconds.
+        check_request(chosen, sampler=args.sampler, steps=args.steps, num_samples=args.num_samples,
+                      t_values=args.t_values, num_steps=None, extractor_path=args.feature_extractor,
+                      fid_weights=args.fid_weights)
+    except (EvalError, MetricError) as err:
+        return _error(err)
+    from dgan.checkpoint import CheckpointError
+    from dgan.config import ConfigError
+    from dgan.data.sources import DataError
+
+    try:
+        device = dist.init(args.device)
+        try:
+            return _evaluate_cli(args, chosen, device)
+        finally:
+            dist.shutdown()
+    except (EvalError, MetricError, CheckpointError, ConfigError, DataError) as err:
+        return _error(err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
