@@ -26,7 +26,8 @@ from dgan.step import Trainables, train_step  # noqa: E402
 from dgan.train import build_trainables  # noqa: E402
 
 PRESETS = {
-    "seed64": ["model.encoder=resnet34", "model.decoder_channels=[256,128,64,32,16]", "model.image_size=64",
+    "seed64": ["model.encoder=resnet34", "model.encoder_depth=5", "model.decoder_channels=[256,128,64,32,16]",
+               "model.image_size=64",
                "train.batch_size=8"],
     "quickstart": [],  # configs/default.yaml as shipped
 }

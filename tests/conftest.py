@@ -16,7 +16,7 @@ SHARED_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
 @pytest.fixture
 def tiny_overrides():
     """The smallest model that is still the real architecture (UNet++ + PatchGAN)."""
-    return ["model.encoder=resnet18", "model.decoder_channels=[32,16,16,16,8]", "model.time_dim=32",
+    return ["model.encoder=resnet18", "model.decoder_channels=[32,16,16,8]", "model.time_dim=32",
             "model.d_channels=16", "model.image_size=32", "train.batch_size=4", "log.progress=false"]
 
 

@@ -16,10 +16,10 @@ def test_defaults_are_the_cpu_quick_start():
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  lr_g: 0.001\nmodel:\n  encoder: resnet34\n")
-    cfg = load_config(f, ["train.lr_g=1e-4", "model.decoder_channels=[64,32,16,16,8]", "train.resume=auto"])
+    cfg = load_config(f, ["train.lr_g=1e-4", "model.decoder_channels=[64,32,16,8]", "train.resume=auto"])
     assert cfg.train.lr_g == pytest.approx(1e-4)  # YAML 1.1 would read 1e-4 as a string
     assert cfg.model.encoder == "resnet34"
-    assert cfg.model.decoder_channels == [64, 32, 16, 16, 8]
+    assert cfg.model.decoder_channels == [64, 32, 16, 8]
     assert cfg.train.resume == "auto"
 
 
@@ -50,12 +50,14 @@ def test_wrong_type_names_key_and_expected_type():
 
 def test_image_size_not_divisible_suggests_sizes():
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["model.image_size=100"])
+        load_config(None, ["model.image_size=100", "model.encoder_depth=5", "model.decoder_channels=[64,32,16,16,8]"])
     msg = str(e.value)
     assert "model.image_size" in msg and "2**encoder_depth=32" in msg and "96 or 128" in msg
     # a shallower encoder makes 48 valid
     assert load_config(None, ["model.image_size=48", "model.encoder_depth=4",
                               "model.decoder_channels=[64,32,16,16]"]).model.image_size == 48
+    with pytest.raises(ConfigError, match="model.decoder_channels: needs 4 entries"):
+        load_config(None, ["model.decoder_channels=[64,32,16,16,8]"])
 
 
 @pytest.mark.parametrize("override, key", [

@@ -20,7 +20,7 @@ STEPS = 160
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    cfg = load_config(None, ["model.encoder=resnet18", "model.decoder_channels=[64,32,16,16,16]",
+    cfg = load_config(None, ["model.encoder=resnet18", "model.decoder_channels=[64,32,16,16]",
                              "model.time_dim=64", "model.d_channels=32", "train.batch_size=16",
                              "data.num_images=256", f"data.cache_dir={cache}", "train.lr_g=1e-3",
                              "train.lr_d=2e-4", "train.warmup_kimg=0.1", "train.ema_halflife_kimg=0.3",

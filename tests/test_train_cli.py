@@ -11,7 +11,7 @@ import torch
 
 from dgan.checkpoint import load_checkpoint
 
-TINY = ["model.decoder_channels=[32,16,16,16,8]", "model.time_dim=32", "model.d_channels=16",
+TINY = ["model.decoder_channels=[32,16,16,8]", "model.time_dim=32", "model.d_channels=16",
         "train.batch_size=4", "data.num_images=64", "log.num_samples=4", "log.sample_steps=4",
         "log.every_steps=5", "train.device=cpu"]
 
@@ -100,7 +100,7 @@ def test_bad_checkpoint_architecture_is_a_one_line_error(tmp_path):
     r = run_train(tmp_path, "log.run_name=arch", "train.total_kimg=0.008")
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_train(tmp_path, "log.run_name=arch", "train.total_kimg=0.016", "--resume", "auto",
-                  "model.decoder_channels=[64,32,16,16,8]")
+                  "model.decoder_channels=[64,32,16,8]")
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()[-1]
     assert "model.decoder_channels" in err and "checkpoint has" in err
