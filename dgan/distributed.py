@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import inspect
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -14,6 +15,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 def _env_int(name: str, default: int) -> int:
@@ -127,11 +129,67 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP for a world of several ranks; the module itself for a world of one.
+
+    No buffer sync in forward: DDP would otherwise broadcast rank 0's buffers before EVERY
+    forward. Buffers, if a model has any (BatchNorm statistics with model.norm=batch), are
+    synced here at wrap time and after each optimizer step by `broadcast_buffers` instead,
+    so that every rank's EMA (which averages buffers too) stays identical.
+    No find_unused_parameters: every trainable parameter gets a gradient in every backward
+    (frozen ones have requires_grad=False, which DDP skips).
+    """
+    if get_world_size() == 1:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    ddp_class = torch.nn.parallel.DistributedDataParallel
+    # torch 2.14 renamed the switch; the old name there also skips the buffer sync at init
+    no_forward_sync = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(ddp_class).parameters
+                       else {"broadcast_buffers": False})
+    ddp = ddp_class(module, device_ids=ids, **no_forward_sync)
+    broadcast_buffers(module)  # the init sync, whichever torch skipped it
+    return ddp
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP and torch.compile wrappers: what checkpoints and the EMA hold,
+    so their keys carry no `module.`/`_orig_mod.` prefix whatever the launch options."""
+    while True:
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif "_orig_mod" in module._modules:  # torch.compile's OptimizedModule
+            module = module._modules["_orig_mod"]
+        else:
+            return module
+
+
 def ddp_sync(module: torch.nn.Module, sync: bool):
     """`no_sync()` for gradient-accumulation micro-steps; a no-op outside DDP."""
-    if not sync and isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        return module.no_sync()
+    # torch.compile(DDP(m)): the no_sync switch lives on the DDP inside the compiled wrapper
+    inner = module._modules.get("_orig_mod", module)
+    if not sync and isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        return inner.no_sync()
     return nullcontext()
+
+
+def broadcast_buffers(*modules: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers: one flat broadcast per dtype, none without buffers.
+
+    BatchNorm updates its running statistics from the rank's own batch, so without this the
+    ranks' buffers (and so their EMA copies) drift apart. A no-op for a world of one.
+    """
+    if not dist.is_initialized():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for m in modules:
+        for b in m.buffers():
+            by_dtype.setdefault(b.dtype, []).append(b)
+    for group in by_dtype.values():
+        flat = _flatten_dense_tensors(group)
+        dist.broadcast(flat, src=src)
+        for b, v in zip(group, _unflatten_dense_tensors(flat, group)):
+            b.copy_(v)
 
 
 @contextmanager

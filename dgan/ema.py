@@ -40,8 +40,21 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module, *, images_seen: int, batch_images: int) -> None:
+        """Call on every rank after every optimizer step: the ranks' G are identical (DDP), so
+        their EMAs stay identical too, and any rank can sample or evaluate with its own."""
         self.beta = self.decay(images_seen, batch_images)
-        self.averaged.update_parameters(model)
+        if int(self.averaged.n_averaged) == 0:  # a CPU counter: reading it costs no sync
+            self.averaged.update_parameters(model)  # the first update copies G
+            return
+        # Later updates run the same multi-avg fn that AveragedModel.update_parameters would,
+        # minus its `n_averaged.to(device)`: a blocking host->device copy, i.e. one CUDA
+        # stream sync per training step. Same tensors, same order (parameters, then buffers).
+        avg = [*self.averaged.module.parameters(), *self.averaged.module.buffers()]
+        cur = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if len(avg) != len(cur):
+            raise ValueError(f"EMA holds {len(avg)} tensors but the model has {len(cur)}: not the same architecture")
+        self._lerp(avg, cur, self.averaged.n_averaged)
+        self.averaged.n_averaged += 1
 
     @property
     def module(self) -> nn.Module:

@@ -29,7 +29,7 @@ from dgan.losses import d_loss, diffusion_loss, g_adv_loss, r1_penalty
 
 @dataclass
 class Trainables:
-    """What the step updates. G and D may be DDP-wrapped; `*_raw` are the plain modules."""
+    """What the step updates. G and D may be DDP- and compile-wrapped; `*_raw` are the plain modules."""
     G: nn.Module
     D: nn.Module
     opt_g: torch.optim.Optimizer
@@ -42,11 +42,11 @@ class Trainables:
 
     @property
     def D_raw(self) -> nn.Module:
-        return getattr(self.D, "module", self.D)
+        return dist.unwrap(self.D)
 
     @property
     def G_raw(self) -> nn.Module:
-        return getattr(self.G, "module", self.G)
+        return dist.unwrap(self.G)
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -137,7 +137,9 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
         L_r1 = r1_penalty(logits[2 * B:], x_r1)
         L_D = L_D + g.r1_gamma * g.r1_every * L_r1
     tr.scaler_d.scale(L_D * loss_scale).backward()
-    tr.ada.accumulate(real_logits.detach(), B)
+    # A NaN logit (a step about to be skipped) would turn into a garbage integer sign count
+    # and corrupt r_d for the whole window; count it as neither real nor fake instead.
+    tr.ada.accumulate(torch.nan_to_num(real_logits.detach(), nan=0.0), B)
 
     # -- Phase 4: G step with D frozen ------------------------------------------------------
     # The raw module, not the DDP wrapper: D's gradients are not wanted here, so there must

@@ -22,7 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from dgan import __version__  # noqa: E402
 from dgan import distributed as dist  # noqa: E402
@@ -107,19 +106,27 @@ def build_lr_schedule(opt: torch.optim.Optimizer, cfg: Config, global_batch: int
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps))
 
 
+def global_batch_size(cfg: Config) -> int:
+    """Images per optimizer step: per-rank batch x ranks x accumulation (logged as global_batch)."""
+    return cfg.train.batch_size * dist.get_world_size() * cfg.train.grad_accum
+
+
 def build_trainables(cfg: Config, device: torch.device) -> tuple[Trainables, EMA, list]:
     G, D = build_models(cfg, device)
+    # Built before DDP's rank-0 broadcast, so ranks start with different EMA weights; its
+    # first update copies G (identical after the broadcast), so the EMAs agree from step 1.
     ema = EMA(G, halflife_kimg=cfg.train.ema_halflife_kimg, rampup=cfg.train.ema_rampup)
-    G_run = torch.compile(G) if cfg.model.compile else G
-    if dist.get_world_size() > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        G_run, D = DDP(G_run, device_ids=ids), DDP(D, device_ids=ids)
-    global_batch = cfg.train.batch_size * dist.get_world_size() * cfg.train.grad_accum
+    G_run, D_run = dist.wrap_ddp(G, device), dist.wrap_ddp(D, device)
+    if cfg.model.compile:
+        # After DDP, as PyTorch recommends: dynamo's DDPOptimizer then splits the graph at
+        # bucket boundaries so gradient all-reduces overlap the backward. Only G: the G step
+        # calls the raw D, which a compiled DDP wrapper would not cover anyway.
+        G_run = torch.compile(G_run)
     # frozen parameters (unused encoder stages) stay out of the optimizer
     opt_g = build_optimizer([p for p in G.parameters() if p.requires_grad], cfg.train.lr_g, cfg.train.betas_g)
-    opt_d = build_optimizer(getattr(D, "module", D).parameters(), cfg.train.lr_d, cfg.train.betas_d)
+    opt_d = build_optimizer(D.parameters(), cfg.train.lr_d, cfg.train.betas_d)
     fp16 = cfg.train.precision == "fp16"
-    tr = Trainables(G=G_run, D=D, opt_g=opt_g, opt_d=opt_d,
+    tr = Trainables(G=G_run, D=D_run, opt_g=opt_g, opt_d=opt_d,
                     scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
                     scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
                     diffusion=Diffusion(cfg.diffusion.num_steps, cfg.diffusion.schedule,
@@ -128,7 +135,7 @@ def build_trainables(cfg: Config, device: torch.device) -> tuple[Trainables, EMA
                                   ada_kimg=cfg.gan.ada_kimg, t_min=cfg.gan.t_min, t_max=cfg.gan.t_max,
                                   device=device),
                     skip_streak=torch.zeros((), device=device))
-    scheds = [build_lr_schedule(opt_g, cfg, global_batch), build_lr_schedule(opt_d, cfg, global_batch)]
+    scheds = [build_lr_schedule(opt, cfg, global_batch_size(cfg)) for opt in (opt_g, opt_d)]
     return tr, ema, scheds
 
 
@@ -169,15 +176,31 @@ def restore_checkpoint(path: Path, comps: dict, cfg: Config, device) -> None:
     saved_world = payload["metadata"]["world_size"]
     if saved_world == dist.get_world_size():
         mine = state["per_rank"][dist.get_rank()]
-        restore_rng_state(mine["rng"])
+        restore_rng_state(mine["rng"], device)
         comps["ada"].load_window_state(mine["ada_window"])
     else:
         # Per-rank RNG streams cannot be mapped onto a different world size; reseed
-        # deterministically instead. The weights, optimizers and data position are exact.
+        # deterministically instead. Weights, optimizers, EMA and p/T_adapt are exact; the
+        # data position is re-derived from images seen (see data_position); the r_d window
+        # since the last adaptive-T update starts afresh.
         dist.print0(f"warning: checkpoint was written with world size {saved_world}, now "
                     f"{dist.get_world_size()}; RNG streams are re-seeded, the data position re-derived")
         seed_everything(cfg.train.seed + 7919 * comps["trainer"].step)
-    dist.print0(f"resumed from {path} at step {comps['trainer'].step}")
+        rederive_lr_schedules([comps["sched_g"], comps["sched_d"]], comps["trainer"].images_seen, cfg)
+    dist.print0(f"resumed from {path} at step {comps['trainer'].step} "
+                f"({comps['trainer'].images_seen} images seen)")
+
+
+def rederive_lr_schedules(scheds: list, images_seen: int, cfg: Config) -> None:
+    """Move the (step-counted) schedules to the step that images_seen is in the new world.
+
+    The warm-up is fixed in images (warmup_kimg); its length in steps depends on the global
+    batch. Without this a 2 -> 1 rank resume would halve the learning rate mid-warm-up.
+    """
+    steps = images_seen // global_batch_size(cfg)
+    for sched in scheds:
+        sched.last_epoch = steps - 1
+        sched.step()  # recomputes the optimizer's lr for step `steps`
 
 
 def seed_everything(seed: int) -> None:
@@ -194,13 +217,45 @@ def seed_everything(seed: int) -> None:
 # The loop
 
 
+def data_position(data, state: TrainState, cfg: Config) -> tuple[int, int]:
+    """(epoch, batch within it) of this rank's next micro-batch, from images seen.
+
+    Every rank has consumed images_seen / (batch x world size) micro-batches; with the same
+    world size that is exactly where the stream stopped. After a world-size change it is
+    the same fraction of the data, in the new world's batch order.
+    """
+    per_rank_batches = state.images_seen // (cfg.train.batch_size * dist.get_world_size())
+    return divmod(per_rank_batches, data.batches_per_epoch)
+
+
 def batches_for(data, state: TrainState, cfg: Config):
     """Endless micro-batches starting at the exact data position implied by images_seen."""
-    per_rank_batches = state.images_seen // (cfg.train.batch_size * dist.get_world_size())
-    epoch, start = divmod(per_rank_batches, data.batches_per_epoch)
+    epoch, start = data_position(data, state, cfg)
     while True:
         yield from data.epoch(epoch, start)
         epoch, start = epoch + 1, 0
+
+
+def next_micro_batches(stream, cfg: Config, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The step's grad_accum micro-batches, on the device in the model's memory format."""
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    # channels_last weights with NCHW inputs would make every conv convert its input
+    return [(x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device, non_blocking=True))
+            for x, y in (next(stream) for _ in range(cfg.train.grad_accum))]
+
+
+def take_step(tr: Trainables, ema: EMA, scheds: list, state: TrainState, cfg: Config,
+              micro: list) -> dict[str, torch.Tensor]:
+    """Phases 2-3 of a step, on every rank: the hybrid G/D step, LR schedule, EMA, adaptive T."""
+    metrics = train_step(tr, cfg, micro, state.step)
+    for sched in scheds:
+        sched.step()
+    state.step, state.images_seen = state.step + 1, state.images_seen + global_batch_size(cfg)
+    dist.broadcast_buffers(tr.G_raw, tr.D_raw)  # BatchNorm statistics, if any: one EMA on all ranks
+    ema.update(tr.G_raw, images_seen=state.images_seen, batch_images=global_batch_size(cfg))
+    if tr.ada.should_update(state.step - 1):  # it takes the 0-based index of the step done
+        tr.ada.update(reduce_fn=dist.all_reduce_sum)  # r_d summed over ranks: one p everywhere
+    return metrics
 
 
 class MetricWindow:
@@ -234,7 +289,7 @@ def build_tracker(cfg: Config, run_dir: Path, state: TrainState, data) -> Tracke
     params = flatten(to_dict(cfg))
     params.update({"data.manifest_hash": data.manifest.get("hash", ""), "run_dir": str(run_dir),
                    "world_size": dist.get_world_size(), "git": git_hash(), "dgan_version": __version__,
-                   "global_batch": cfg.train.batch_size * dist.get_world_size() * cfg.train.grad_accum})
+                   "global_batch": global_batch_size(cfg)})
     tracker.log_params(params)
     tracker.log_artifact(run_dir / "config.yaml")
     return tracker
@@ -277,6 +332,9 @@ def write_samples(ema, tr: Trainables, cfg: Config, run_dir: Path, state: TrainS
 
 
 def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
+    # Handlers first: a preemption signal during the (possibly long) build must not kill the
+    # process with the default action; it is acted on at the first step boundary instead.
+    stop = StopFlag()
     # -- Build: data first, so a bad path fails before any model is built -----------------
     seed_everything(cfg.train.seed)
     data = build_train_data(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
@@ -289,10 +347,14 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
     resume = resolve_resume(cfg.train.resume, ckpt.ckpt_dir)
     if resume is not None:
         restore_checkpoint(resume, comps, cfg, device)
+        epoch, batch = data_position(data, state, cfg)
+        dist.print0(f"data position: epoch {epoch}, batch {batch} of {data.batches_per_epoch} per rank")
     tracker = build_tracker(cfg, run_dir, state, data)
-    global_batch = cfg.train.batch_size * dist.get_world_size() * cfg.train.grad_accum
-    total_steps = math.ceil(cfg.train.total_kimg * 1000 / global_batch)
-    stream, window, stop = batches_for(data, state, cfg), MetricWindow(), StopFlag()
+    global_batch = global_batch_size(cfg)
+    # Counted in images, not steps: after a world-size change a step holds another number.
+    images_left = max(0, round(cfg.train.total_kimg * 1000) - state.images_seen)
+    total_steps = state.step + math.ceil(images_left / global_batch)
+    stream, window = batches_for(data, state, cfg), MetricWindow()
     dist.print0(f"run {run_dir}: {total_steps} steps of {global_batch} images "
                 f"({dist.get_world_size()} ranks x {cfg.train.batch_size} x {cfg.train.grad_accum} accum)")
     clock = {"time": time.perf_counter(), "images": state.images_seen, "ckpt": time.monotonic()}
@@ -302,24 +364,15 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
     with progress:
         while state.step < total_steps:
             # -- Phase 1: data -------------------------------------------------------------
-            micro = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                     for x, y in (next(stream) for _ in range(cfg.train.grad_accum))]
-            # -- Phase 2: the hybrid G/D step ---------------------------------------------
-            metrics = train_step(tr, cfg, micro, state.step)
-            for sched in scheds:
-                sched.step()
+            micro = next_micro_batches(stream, cfg, device)
+            # -- Phases 2-3: the hybrid G/D step, EMA of G, the adaptive diffusion length --
             before = state.images_seen
-            state.step, state.images_seen = state.step + 1, before + global_batch
-            # -- Phase 3: EMA of G, then the adaptive diffusion length --------------------
-            ema.update(tr.G_raw, images_seen=state.images_seen, batch_images=global_batch)
-            if tr.ada.should_update(state.step - 1):  # it takes the 0-based index of the step done
-                tr.ada.update(reduce_fn=dist.all_reduce_sum)
-            window.add(metrics)
+            window.add(take_step(tr, ema, scheds, state, cfg, micro))
             last = state.step == total_steps
             # -- Phase 4: log once per interval (the only host sync) ----------------------
             if state.step % cfg.log.every_steps == 0 or last:
                 m = log_interval(window, tr, data, state, clock, tracker, progress, device)
-                if m["skip_streak"] >= cfg.train.max_skipped_steps:
+                if m["skip_streak"] >= cfg.train.max_skipped_steps:  # reduced: the same on all ranks
                     save_checkpoint(ckpt, comps, cfg, run_dir, device)
                     raise FloatingPointError(
                         f"{int(m['skip_streak'])} consecutive steps had non-finite losses or gradients; "
@@ -329,19 +382,26 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
             if crossed(before, state.images_seen, cfg.log.sample_every_kimg) or last:
                 write_samples(ema, tr, cfg, run_dir, state, tracker)
             due_time = (time.monotonic() - clock["ckpt"]) / 60 >= cfg.train.ckpt_every_min
-            stop_now, due_time = dist.any_rank_flags([stop.signum is not None, due_time])
+            # One agreement per step: a signal seen by ANY rank (or its clock) stops/saves ALL ranks.
+            stop_now, ctrl_c, due_time = dist.any_rank_flags(
+                [stop.signum is not None, stop.signum == signal.SIGINT, due_time])
             if stop_now or due_time or last or crossed(before, state.images_seen, cfg.train.ckpt_every_kimg):
                 save_checkpoint(ckpt, comps, cfg, run_dir, device)
                 clock["ckpt"] = time.monotonic()
-            if stop_now:
-                interrupted = stop.signum == signal.SIGINT
-                exit_code = EXIT_INTERRUPTED if interrupted else EXIT_PREEMPTED
-                status = "KILLED"
-                dist.print0(f"stopped at step {state.step}; resume with --resume auto "
-                            f"log.run_name={run_dir.name}")
+            if stop_now and not last:  # a signal at the very end: the run is complete, exit 0
+                exit_code, status = (EXIT_INTERRUPTED if ctrl_c else EXIT_PREEMPTED), "KILLED"
+                report_stop(state, run_dir, exit_code)
                 break
     tracker.close(status)
     return exit_code
+
+
+def report_stop(state: TrainState, run_dir: Path, exit_code: int) -> None:
+    # Every rank says how it ends: under torchrun this is the only record of the workers'
+    # exit codes, since the agent reports its own (1) after handling a signal.
+    print(f"[rank {dist.get_rank()}] stopped at step {state.step} with a checkpoint; exit code {exit_code}",
+          file=sys.stderr, flush=True)
+    dist.print0(f"stopped at step {state.step}; resume with --resume auto log.run_name={run_dir.name}")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -350,7 +410,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config (see configs/); defaults give the CPU quick start")
     p.add_argument("--resume", help="'auto' (newest valid checkpoint of the run) or a checkpoint path")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr_g=1e-4 model.encoder=resnet34")
-    return p.parse_args(argv)
+    # intermixed: `a=b --resume auto c=d` works as well as options first
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
