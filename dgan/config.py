@@ -122,6 +122,21 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic evaluation during training (python -m dgan.evaluate does the full version)."""
+    every_kimg: float = 0.0                   # 0 = off
+    num_samples: int = 500                    # small: this runs inside training
+    sampler: Literal["ddim", "ddpm", "dpmpp2m"] = "ddim"
+    steps: int = 50
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid"])  # fid, kid, psnr, ssim
+    best_metric: Optional[str] = None         # e.g. "fid": keep checkpoints/ckpt-best.pt by it
+    best_mode: Literal["min", "max"] = "min"
+    feature_extractor: Optional[str] = None   # TorchScript extractor (see README, Evaluation)
+    fid_weights: Optional[str] = None         # local Inception weights file
+    reference: Literal["val", "train"] = "val"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -129,6 +144,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------
@@ -320,6 +336,7 @@ def validate(cfg: Config) -> None:
     _require(t.keep_last >= 1, "train.keep_last", "must be >= 1 (keeping none would lose the run)")
     _require(t.ema_halflife_kimg > 0, "train.ema_halflife_kimg", "must be > 0")
     _validate_data(cfg.data)
+    _validate_eval(cfg.eval)
     _require(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
 
 
@@ -333,3 +350,19 @@ def _validate_data(dc: DataConfig) -> None:
     _require(dc.num_images >= 1, "data.num_images", "must be >= 1")
     for name in ("hflip_p", "vflip_p", "affine_p", "crop_p", "intensity_p"):
         _require(0.0 <= getattr(dc, name) <= 1.0, f"data.{name}", "a probability in [0, 1]")
+
+
+def _validate_eval(ev: EvalConfig) -> None:
+    known = ("fid", "kid", "psnr", "ssim")
+    for name in ev.metrics:
+        _require(name in known, "eval.metrics", f"unknown metric {name!r}; use some of {', '.join(known)}")
+    _require(ev.every_kimg >= 0 and ev.num_samples >= 2 and ev.steps >= 1, "eval.every_kimg",
+             "every_kimg must be >= 0, num_samples >= 2 and steps >= 1")
+    if ev.best_metric is not None:
+        base = ev.best_metric.split("_t")[0]  # psnr_t100 -> psnr
+        _require(base in ev.metrics, "eval.best_metric",
+                 f"{ev.best_metric!r} is not computed; add {base!r} to eval.metrics")
+        _require(ev.every_kimg > 0, "eval.best_metric", "needs eval.every_kimg > 0 to have values")
+    if ev.feature_extractor is not None:
+        _require(Path(ev.feature_extractor).is_file(), "eval.feature_extractor",
+                 f"{ev.feature_extractor} does not exist")
