@@ -150,8 +150,10 @@ def build_components(tr: Trainables, ema: EMA, scheds: list, state: TrainState) 
 # Checkpoints
 
 
-def save_checkpoint(ckpt: Checkpointer, comps: dict, cfg: Config, run_dir: Path, device) -> None:
-    """Collective: every rank contributes its RNG state; rank 0 writes the file."""
+def save_checkpoint(ckpt: Checkpointer, comps: dict, cfg: Config, run_dir: Path, device,
+                    metric: Optional[float] = None) -> None:
+    """Collective: every rank contributes its RNG state; rank 0 writes the file.
+    `metric` (eval.best_metric's value) lets the Checkpointer keep the best checkpoint."""
     per_rank = dist.all_gather_object({"rng": capture_rng_state(device),
                                        "ada_window": comps["ada"].window_state()})
     if dist.is_main():
@@ -159,7 +161,7 @@ def save_checkpoint(ckpt: Checkpointer, comps: dict, cfg: Config, run_dir: Path,
         state["per_rank"] = per_rank
         meta = {"config": to_dict(cfg), "dgan_version": __version__, "git": git_hash(),
                 "world_size": dist.get_world_size(), "run_dir": str(run_dir)}
-        path = ckpt.save(state, step=comps["trainer"].step, metadata=meta)
+        path = ckpt.save(state, step=comps["trainer"].step, metadata=meta, metric=metric)
         dist.print0(f"saved {path}")
     dist.barrier()
 
@@ -331,11 +333,43 @@ def write_samples(ema, tr: Trainables, cfg: Config, run_dir: Path, state: TrainS
     tracker.log_artifact(path, "samples")
 
 
+def check_eval_ready(cfg: Config) -> None:
+    """Periodic FID/KID with Inception needs its weights file: fail now, not hours into the run."""
+    ev = cfg.eval
+    if ev.every_kimg > 0 and ev.feature_extractor is None and {"fid", "kid"} & set(ev.metrics):
+        from dgan.metrics import MetricError, resolve_inception_weights  # torch-fidelity: only when used
+        try:
+            resolve_inception_weights(ev.fid_weights)
+        except MetricError as e:
+            raise ConfigError(f"eval.every_kimg > 0 needs FID weights: {e}") from None
+
+
+def periodic_eval(cfg: Config, ema: EMA, tr: Trainables, state: TrainState, tracker: Tracker,
+                  device: torch.device) -> Optional[float]:
+    """eval.every_kimg: every rank generates its share of a small sample set; all get the same
+    numbers. Logged as eval/* over time; returns the best-metric value for the Checkpointer."""
+    from dgan.evaluate import evaluate_generator
+    from dgan.metrics import MetricError
+    ev = cfg.eval
+    try:
+        m = evaluate_generator(ema.module, tr.diffusion, cfg, num_samples=ev.num_samples, sampler=ev.sampler,
+                               steps=ev.steps, seed=cfg.train.seed, metrics=list(ev.metrics),
+                               extractor_path=ev.feature_extractor, fid_weights=ev.fid_weights,
+                               reference=ev.reference, device=device)
+    except MetricError as e:  # an evaluation problem must not end a run that costs GPU-days
+        dist.print0(f"warning: periodic evaluation failed at step {state.step}: {e}")
+        return None
+    tracker.log_metrics({f"eval/{k}": v for k, v in m.items()}, step=state.step)
+    dist.print0("eval at step {}: {}".format(state.step, " ".join(f"{k} {v:.4g}" for k, v in sorted(m.items()))))
+    return m.get(ev.best_metric) if ev.best_metric else None
+
+
 def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
     # Handlers first: a preemption signal during the (possibly long) build must not kill the
     # process with the default action; it is acted on at the first step boundary instead.
     stop = StopFlag()
     # -- Build: data first, so a bad path fails before any model is built -----------------
+    check_eval_ready(cfg)
     seed_everything(cfg.train.seed)
     data = build_train_data(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
                             batch_size=cfg.train.batch_size, seed=cfg.train.seed,
@@ -343,7 +377,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
     tr, ema, scheds = build_trainables(cfg, device)
     state = TrainState()
     comps = build_components(tr, ema, scheds, state)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=cfg.train.keep_last)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=cfg.train.keep_last,
+                        best_metric=cfg.eval.best_metric, best_mode=cfg.eval.best_mode)
     resume = resolve_resume(cfg.train.resume, ckpt.ckpt_dir)
     if resume is not None:
         restore_checkpoint(resume, comps, cfg, device)
@@ -381,12 +416,16 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
             # -- Phase 5: samples and checkpoints -----------------------------------------
             if crossed(before, state.images_seen, cfg.log.sample_every_kimg) or last:
                 write_samples(ema, tr, cfg, run_dir, state, tracker)
+            metric = None
+            if cfg.eval.every_kimg > 0 and (crossed(before, state.images_seen, cfg.eval.every_kimg) or last):
+                metric = periodic_eval(cfg, ema, tr, state, tracker, device)
             due_time = (time.monotonic() - clock["ckpt"]) / 60 >= cfg.train.ckpt_every_min
             # One agreement per step: a signal seen by ANY rank (or its clock) stops/saves ALL ranks.
             stop_now, ctrl_c, due_time = dist.any_rank_flags(
                 [stop.signum is not None, stop.signum == signal.SIGINT, due_time])
-            if stop_now or due_time or last or crossed(before, state.images_seen, cfg.train.ckpt_every_kimg):
-                save_checkpoint(ckpt, comps, cfg, run_dir, device)
+            if (stop_now or due_time or last or metric is not None
+                    or crossed(before, state.images_seen, cfg.train.ckpt_every_kimg)):
+                save_checkpoint(ckpt, comps, cfg, run_dir, device, metric=metric)
                 clock["ckpt"] = time.monotonic()
             if stop_now and not last:  # a signal at the very end: the run is complete, exit 0
                 exit_code, status = (EXIT_INTERRUPTED if ctrl_c else EXIT_PREEMPTED), "KILLED"

@@ -104,3 +104,32 @@ def test_bad_checkpoint_architecture_is_a_one_line_error(tmp_path):
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()[-1]
     assert "model.decoder_channels" in err and "checkpoint has" in err
+
+
+def test_periodic_eval_logs_over_time_and_keeps_the_best_checkpoint(tmp_path):
+    from dgan.metrics import build_tiny_extractor
+    extractor = build_tiny_extractor(tmp_path / "tiny.pt", channels=1, dim=16)
+    r = run_train(tmp_path, "log.run_name=ev", "train.total_kimg=0.04", "eval.every_kimg=0.02",
+                  "eval.num_samples=8", "eval.steps=2", "eval.metrics=[fid,kid]", "eval.best_metric=fid",
+                  f"eval.feature_extractor={extractor}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("eval at step") == 2
+    ckpts = tmp_path / "ev" / "checkpoints"
+    assert (ckpts / "ckpt-best.pt").is_file()
+    import json
+    best = json.loads((ckpts / "best.json").read_text())
+    assert best["metric"] == "fid" and best["step"] in (5, 10)
+    import mlflow
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (mrun,) = client.search_runs(client.get_experiment_by_name("dgan").experiment_id)
+    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "eval/fid")] == [5, 10]
+
+
+def test_periodic_fid_without_weights_fails_before_training(tmp_path):
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "empty-torch-home")}
+    cmd = [sys.executable, "-m", "dgan.train", *TINY, f"log.root={tmp_path}", "log.run_name=nofid",
+           f"data.cache_dir={tmp_path / '.cache'}", "eval.every_kimg=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1
+    assert "weights-inception" in r.stderr and "eval.every_kimg" in r.stderr
+    assert not (tmp_path / "nofid" / "checkpoints").exists()
