@@ -36,17 +36,14 @@ def worker(args: argparse.Namespace) -> None:
 
     from dgan import distributed as dist
     from dgan.config import load_config
-    from dgan.data import build_train_data
-    from dgan.train import TrainState, batches_for, build_trainables, next_micro_batches, seed_everything, take_step
+    from dgan.train import TrainState, batches_for, build_data, build_trainables, next_micro_batches, seed_everything, take_step
 
     device = dist.init("cpu")
     torch.set_num_threads(1)
     cfg = load_config(args.config, ["train.device=cpu", f"train.batch_size={args.batch}",
                                     f"data.cache_dir={args.cache}", *args.overrides])
     seed_everything(cfg.train.seed)
-    data = build_train_data(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
-                            batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                            rank=dist.get_rank(), world_size=dist.get_world_size())
+    data = build_data(cfg)
     tr, ema, scheds = build_trainables(cfg, device)
     state = TrainState()
     stream = batches_for(data, state, cfg)

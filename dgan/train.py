@@ -81,6 +81,13 @@ class StopFlag:
 # Building
 
 
+def build_data(cfg: Config):
+    """This rank's training stream (dgan.data.TrainData), sized and seeded from the config."""
+    return build_train_data(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
+                            batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                            rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
 def build_models(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     m = cfg.model
     G = Generator(channels=m.channels, encoder=m.encoder, encoder_weights=m.encoder_weights,
@@ -371,9 +378,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
     # -- Build: data first, so a bad path fails before any model is built -----------------
     check_eval_ready(cfg)
     seed_everything(cfg.train.seed)
-    data = build_train_data(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
-                            batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                            rank=dist.get_rank(), world_size=dist.get_world_size())
+    data = build_data(cfg)
     tr, ema, scheds = build_trainables(cfg, device)
     state = TrainState()
     comps = build_components(tr, ema, scheds, state)

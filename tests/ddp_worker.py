@@ -20,8 +20,7 @@ import torch
 
 from dgan import distributed as dist
 from dgan.config import load_config
-from dgan.data import build_train_data
-from dgan.train import (StopFlag, TrainState, batches_for, build_trainables, next_micro_batches, seed_everything,
+from dgan.train import (StopFlag, TrainState, batches_for, build_data, build_trainables, next_micro_batches, seed_everything,
                         take_step)
 
 
@@ -31,9 +30,7 @@ def run_variant(spec: list[str], steps: int, device: torch.device) -> dict:
     poison = [int(o.split("=")[1]) for o in spec if o.startswith("poison_rank1_step=")]
     cfg = load_config(None, [o for o in spec if not o.startswith("poison_rank1_step=")])
     seed_everything(cfg.train.seed)
-    data = build_train_data(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
-                            batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                            rank=dist.get_rank(), world_size=dist.get_world_size())
+    data = build_data(cfg)
     tr, ema, scheds = build_trainables(cfg, device)
     init_g = {k: v.clone() for k, v in tr.G_raw.state_dict().items()}
     state = TrainState()
