@@ -22,8 +22,10 @@ from rich.text import Text
 from dgan.tracking import default_tracking_uri, format_value, import_mlflow
 
 # Metrics shown whenever a run has them, with the direction that is better.
-STANDARD_METRICS: tuple[tuple[str, str], ...] = (("L_diff", "min"), ("fid", "min"),
-                                                 ("kid", "min"))
+# dgan.evaluate and periodic evaluation log eval/fid and eval/kid; plain fid/kid are kept
+# for runs logged by other tools.
+STANDARD_METRICS: tuple[tuple[str, str], ...] = (("L_diff", "min"), ("eval/fid", "min"), ("eval/kid", "min"),
+                                                 ("fid", "min"), ("kid", "min"))
 # Where a run records its checkpoint location, most specific first.
 CHECKPOINT_KEYS = ("checkpoint", "run_dir")
 # Params that differ between any two runs by construction; they have own columns.
@@ -225,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training log.root; the store is <root>/mlflow.db (default: runs)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides --root)")
     p.add_argument("--experiment", default="dgan", help="MLflow experiment (default: dgan)")
-    p.add_argument("--metric", default="fid", help="metric to rank by (default: fid)")
+    p.add_argument("--metric", default="eval/fid", help="metric to rank by (default: eval/fid)")
     p.add_argument("--mode", choices=("min", "max"), default="min",
                    help="whether lower or higher --metric is better (default: min)")
     p.add_argument("--plot", metavar="OUT.png", help="write metric curves to this image")

@@ -15,38 +15,11 @@ import torch
 
 from dgan.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+from cli_helpers import REPO, run_cli, tiny_run
+
 SHARED_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
-# T=100 keeps DDPM cheap for the sample/visualize tests that share this run within a session.
-TINY_TRAIN = ["model.decoder_channels=[32,16,16,16]", "model.time_dim=32", "model.d_channels=16",
-              "train.batch_size=4", "data.num_images=64", "log.num_samples=4", "log.sample_steps=4",
-              "train.device=cpu", "log.run_name=r", "train.total_kimg=0.02", "log.progress=false",
-              "diffusion.num_steps=100", "gan.t_max=99", "gan.adv_t_max=40"]
 EVAL = ["--num-samples", "8", "--sampler", "ddim", "--steps", "4", "--batch-size", "4", "--seed", "0",
         "--t-values", "10,50"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    # One thread: on a small shared CPU, OpenMP spinning across processes costs more than it gains.
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "NO_ALBUMENTATIONS_UPDATE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "COLUMNS": "120", **extra}
-
-
-def _run(args: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout)
-
-
-def tiny_run(base: Path) -> Path:
-    """A trained tiny run under base/runs (trained once per pytest session, reused by the other CLI tests)."""
-    root = base / "runs"
-    run = root / "r"
-    if list((run / "checkpoints").glob("ckpt-0*.pt")):
-        return run
-    shutil.rmtree(root, ignore_errors=True)
-    r = _run([sys.executable, "-m", "dgan.train", *TINY_TRAIN, f"log.root={root}",
-              f"data.cache_dir={root / '.cache'}"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +56,7 @@ def one_thread():
 
 
 def _evaluate(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "-m", "dgan.evaluate", *args], **env)
+    return run_cli([sys.executable, "-m", "dgan.evaluate", *args], **env)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +136,7 @@ def test_missing_inception_weights_fail_fast_without_download(run_dir, tmp_path)
         # The check needs torch and torch-fidelity imported; on a loaded machine that alone can
         # exceed 5 s, so there the bound is that import time plus 1.5 s.
         start = time.perf_counter()
-        _run([sys.executable, "-c", "import dgan.metrics"])
+        run_cli([sys.executable, "-c", "import dgan.metrics"])
         floor = time.perf_counter() - start
         assert elapsed < floor + 1.5, (elapsed, floor)
 
@@ -177,7 +150,7 @@ def test_torchrun_two_ranks_gather_exactly_n_samples_equal_to_one_process(user_e
     cmd = [a if a != "--run" else "--run-dir" for a in user_eval["cmd"]]  # torchrun owns --run-path
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-    two = _run([*launcher, "--standalone", "--nproc_per_node=2", "-m", "dgan.evaluate", *cmd, "--no-mlflow",
+    two = run_cli([*launcher, "--standalone", "--nproc_per_node=2", "-m", "dgan.evaluate", *cmd, "--no-mlflow",
                 "--device", "cpu", "--dump-samples", str(tmp_path / "two.pt"), "--out", str(tmp_path / "two.json")])
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     report = json.loads((tmp_path / "two.json").read_text())

@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     data = build_train_data(cfg.data, image_size=32, channels=1, batch_size=16, seed=0, rank=0, world_size=1)
     tr, ema, scheds = build_trainables(cfg, torch.device("cpu"))
     untrained = generate(ema.module, tr.diffusion, n=64, steps=20, seed=1, channels=1, image_size=32)
-    losses, stream, step = [], iter(()), 0
+    losses, step = [], 0
     while step < STEPS:
         for x, y in data.epoch(step // data.batches_per_epoch):
             m = train_step(tr, cfg, [(x, y)], step)

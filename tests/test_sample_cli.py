@@ -1,8 +1,6 @@
 """python -m dgan.sample in subprocesses, exactly as the README shows it."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,37 +8,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-# The same tiny run as tests/test_evaluate.py (same overrides, same folder): trained once per session.
-# T=100 keeps DDPM, which always runs all T steps, cheap.
-TINY_TRAIN = ["model.decoder_channels=[32,16,16,16]", "model.time_dim=32", "model.d_channels=16",
-              "train.batch_size=4", "data.num_images=64", "log.num_samples=4", "log.sample_steps=4",
-              "train.device=cpu", "log.run_name=r", "train.total_kimg=0.02", "log.progress=false",
-              "diffusion.num_steps=100", "gan.t_max=99", "gan.adv_t_max=40"]
-
-
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    # One thread: on a small shared CPU, OpenMP spinning across processes costs more than it gains.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "NO_ALBUMENTATIONS_UPDATE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+from cli_helpers import run_cli
+from cli_helpers import tiny_run
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "dgan-tiny-run" / "runs"
-    found = sorted((root / "r" / "checkpoints").glob("ckpt-0*.pt"))
-    if not found:
-        shutil.rmtree(root, ignore_errors=True)
-        r = _run([sys.executable, "-m", "dgan.train", *TINY_TRAIN, f"log.root={root}",
-                  f"data.cache_dir={root / '.cache'}"])
-        assert r.returncode == 0, r.stderr[-3000:]
-        found = sorted((root / "r" / "checkpoints").glob("ckpt-0*.pt"))
-    return found[-1]
+    run = tiny_run(tmp_path_factory.getbasetemp() / "dgan-tiny-run")
+    return sorted((run / "checkpoints").glob("ckpt-0*.pt"))[-1]
 
 
 def _sample(*args: str) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "-m", "dgan.sample", *args])
+    return run_cli([sys.executable, "-m", "dgan.sample", *args])
 
 
 def _pngs(folder: Path) -> dict[str, bytes]:

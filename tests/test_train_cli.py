@@ -3,11 +3,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from dgan.checkpoint import load_checkpoint
 
