@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dgan import distributed as dist  # noqa: E402
+from dgan.runinfo import file_sha256  # noqa: E402
 
 METRICS = ("fid", "kid", "psnr", "ssim")
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
@@ -275,16 +276,8 @@ def check_request(metrics: Iterable[str], *, sampler: str, steps: int, num_sampl
         path = Path(extractor_path).expanduser()
         if not path.is_file():
             raise EvalError(f"--feature-extractor {path}: no such file (a TorchScript module, uint8 NxCxHxW -> NxD)")
-        return {"name": "torchscript", "path": str(path.resolve()), "sha256": _sha256(path)}
+        return {"name": "torchscript", "path": str(path.resolve()), "sha256": file_sha256(path)}
     return {"name": INCEPTION, "path": str(resolve_inception_weights(fid_weights))}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _reference_info(cfg, reference: str, count: int, cache_key: Optional[str]) -> dict[str, Any]:

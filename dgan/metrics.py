@@ -54,6 +54,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from dgan.runinfo import file_sha256
+
 INCEPTION = "inception-v3-compat"
 KID_MAX_SUBSET_SIZE = 1000
 KID_SUBSETS = 100  # torch-fidelity's default
@@ -182,14 +184,6 @@ class _TorchScriptExtractor(FeatureExtractorBase):
         return (features.to(torch.float32),)
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _register_torchscript(path: str | os.PathLike[str]) -> str:
     """Register the file as a torch-fidelity extractor; return its name (stable per file content)."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -197,7 +191,7 @@ def _register_torchscript(path: str | os.PathLike[str]) -> str:
     file = Path(path).expanduser()
     if not file.is_file():
         raise MetricError(f"feature extractor file not found: {file}")
-    name = f"dgan-torchscript-{_file_digest(file)[:16]}"
+    name = f"dgan-torchscript-{file_sha256(file)[:16]}"
     # torch-fidelity's registry refuses a second registration; the same name means the same bytes.
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         torch_fidelity.register_feature_extractor(name, _TorchScriptExtractor)

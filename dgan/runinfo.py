@@ -1,6 +1,7 @@
-"""Run directories and provenance (git hash) for checkpoints and MLflow."""
+"""Run directories and provenance (git hash, file hashes) for checkpoints, manifests and MLflow."""
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +19,15 @@ def git_hash() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def newest_run_with_checkpoints(root: Path) -> Optional[Path]:

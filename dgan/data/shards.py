@@ -35,8 +35,23 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 import cv2
 import numpy as np
 
-from dgan.data.sources import (ChannelError, DataError, ReadOptions, Record, SampleMeta, Skipped, discover, is_inside,
-                               letterbox_resize, npz_splits, read_item, read_npz, split_items, to_stored)
+from dgan.data.sources import (
+    ChannelError,
+    DataError,
+    ReadOptions,
+    Record,
+    SampleMeta,
+    Skipped,
+    discover,
+    is_inside,
+    letterbox_resize,
+    npz_splits,
+    read_item,
+    read_npz,
+    split_items,
+    to_stored,
+)
+from dgan.runinfo import file_sha256
 
 MANIFEST_NAME = "manifest.json"
 PROVENANCE_NAME = "provenance.jsonl"
@@ -183,7 +198,13 @@ class _progress:
     def __enter__(self) -> Callable[[], None]:
         if not self.enabled:
             return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("writing shards"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), transient=False)
@@ -442,11 +463,6 @@ def _convert_npz(src: Path, out: Path, settings: dict, **common) -> WriteResult:
     return write_shards(streams, out, classes=classes, source=source,
                         progress_total=sum(len(images) for images, _ in arrays.values()),
                         extra={"settings": settings}, **common)
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def summary_lines(manifest: dict, out_dir: Path) -> list[str]:
