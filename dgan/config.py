@@ -5,6 +5,7 @@ a model is built or a GPU-hour is spent. Errors are one line and say how to fix 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
@@ -238,6 +239,17 @@ def _looks_numeric(raw: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def int_list_arg(text: str) -> tuple[int, ...]:
+    """argparse type for options like --t-values 50,100,250: comma-separated integers."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 50,100,250,500")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return values
 
 
 def _nest(path: list[str], value: Any) -> dict:

@@ -49,6 +49,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dgan.config import int_list_arg  # noqa: E402
+
 from dgan import distributed as dist  # noqa: E402
 from dgan.runinfo import file_sha256  # noqa: E402
 
@@ -521,16 +523,6 @@ def print_report(report: dict) -> None:
     console.print(f"wrote {report['json_path']}", highlight=False)
 
 
-def _t_values(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 50,100,250,500")
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one timestep")
-    return values
-
-
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -558,7 +550,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--feature-extractor", help="TorchScript extractor (uint8 NxCxHxW -> NxD) instead of Inception")
     p.add_argument("--reference", default="val", choices=REFERENCES, help="held-out split or the training images")
     p.add_argument("--reference-images", type=int, default=None, help="use at most this many reference images")
-    p.add_argument("--t-values", type=_t_values, default=DEFAULT_T_VALUES, help="PSNR/SSIM timesteps, e.g. 50,100")
+    p.add_argument("--t-values", type=int_list_arg, default=DEFAULT_T_VALUES, help="PSNR/SSIM timesteps, e.g. 50,100")
     p.add_argument("--recon-images", type=int, default=DEFAULT_RECON_IMAGES,
                    help="held-out images scored by PSNR/SSIM (the first N)")
     p.add_argument("--out", help="JSON path (default: <run>/eval/eval-<step>.json)")

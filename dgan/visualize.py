@@ -23,6 +23,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from dgan.config import int_list_arg  # noqa: E402
+
 FORWARD_T_VALUES = (0, 50, 100, 200, 400, 600, 800, 999)
 GRID_PADDING = 2  # dgan.sample.save_grid's padding, needed to place column labels
 HEADER_LINE_PX = 14  # one line of the default PIL font, with a little air
@@ -164,16 +166,6 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers")
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return values
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -193,7 +185,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     fwd.add_argument("--out", required=True, help="PNG to write")
     fwd.add_argument("--n", type=_positive, default=4, help="number of real images (rows)")
     fwd.add_argument("--split", default="val", choices=["val", "train"], help="which images to show")
-    fwd.add_argument("--t-values", type=_int_list, default=FORWARD_T_VALUES, help="columns, e.g. 0,100,999")
+    fwd.add_argument("--t-values", type=int_list_arg, default=FORWARD_T_VALUES, help="columns, e.g. 0,100,999")
     fwd.add_argument("--seed", type=int, default=0)
     smp = sub.add_parser("samplers", help="DDPM-T next to DDIM-S from the same initial noise, timed")
     smp.add_argument("--checkpoint", required=True, help="a checkpoint file (its EMA generator is used)")
