@@ -24,6 +24,10 @@ PSNR/SSIM. One-step reconstructions: x_t = q(x0, t) of held-out images, then
 x0_hat = clamp(predict_x0(x_t, G(x_t, t)), -1, 1), scored against x0 for each t in --t-values
 (keys psnr_t<t>, ssim_t<t>).
 
+--task inpaint [--mask-type box|brush --jump-length 10 --jump-n-sample 10 --task-images 16]. RePaint
+fills a hole in the first --task-images reference images; PSNR/SSIM inside the hole (inpaint_psnr,
+inpaint_ssim) next to a mean-of-known-pixels fill (inpaint_baseline_*). See dgan/inpaint.py.
+
 Results. <run>/eval/eval-<step>.json, a table on the console, a sample grid
 <run>/eval/samples-<step>.png, and (unless --no-mlflow) the metrics as eval/<key> on the training
 run's MLflow record, at step = the checkpoint's step.
@@ -57,6 +61,8 @@ from dgan.runinfo import file_sha256  # noqa: E402
 METRICS = ("fid", "kid", "psnr", "ssim")
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
 REFERENCES = ("val", "train")
+TASKS = ("generate", "inpaint", "sr")  # --task: what is scored; generate is FID/KID/PSNR/SSIM of samples
+DEFAULT_TASK_IMAGES = 16  # --task inpaint/sr: held-out images, small enough for a CPU run
 DEFAULT_T_VALUES = (50, 100, 250, 500)
 DEFAULT_RECON_IMAGES = 1000
 GRID_IMAGES = 64
@@ -448,6 +454,7 @@ def build_report(result: EvalResult, args: argparse.Namespace, record: dict, run
         "world_size": result.info["world_size"],
         "reference": result.info.get("reference"),
         "extractor": result.info["extractor"],
+        "task": {"name": args.task, **result.info.get("task", {})},  # a task's own settings (mask type...)
         "t_values": list(args.t_values) if {"psnr", "ssim"} & set(chosen) else [],
         "mlflow_run_id": mlflow_run_id,
         "generation_s": result.info["generation_s"],
@@ -557,6 +564,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to the MLflow store")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dump-samples", help="also torch.save the gathered uint8 samples here (for checks)")
+    p.add_argument("--task", default="generate", choices=TASKS,
+                   help="generate: score samples (default); inpaint: RePaint PSNR/SSIM inside a mask; sr")
+    p.add_argument("--task-images", type=int, default=DEFAULT_TASK_IMAGES,
+                   help="--task inpaint/sr: score the first N held-out images of --reference")
+    from dgan.inpaint import add_inpaint_args
+
+    add_inpaint_args(p, mask_file=False)  # --mask-type box|brush --jump-length --jump-n-sample
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
@@ -576,11 +590,17 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
               f"{dist.get_world_size()} rank(s), reference split {reference_split(cfg, args.reference)}", flush=True)
         if cfg.data.source == "npz" and args.reference == "val":
             print(f"dgan.evaluate: warning: {LABEL_SHIFT_WARNING}", file=sys.stderr, flush=True)
-    result = run_evaluation(G, diffusion, cfg, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
-                            seed=args.seed, metrics=chosen, device=device, extractor_path=args.feature_extractor,
-                            fid_weights=args.fid_weights, reference=args.reference, batch_size=args.batch_size,
-                            t_values=args.t_values, recon_images=args.recon_images,
-                            reference_images=args.reference_images, cache_dir=run_dir.parent / ".cache" / "fid")
+    if args.task == "inpaint":
+        from dgan.inpaint import run_inpaint_task
+
+        result = run_inpaint_task(G, diffusion, cfg, args, device)
+    else:
+        result = run_evaluation(G, diffusion, cfg, num_samples=args.num_samples, sampler=args.sampler,
+                                steps=args.steps, seed=args.seed, metrics=chosen, device=device,
+                                extractor_path=args.feature_extractor, fid_weights=args.fid_weights,
+                                reference=args.reference, batch_size=args.batch_size, t_values=args.t_values,
+                                recon_images=args.recon_images, reference_images=args.reference_images,
+                                cache_dir=run_dir.parent / ".cache" / "fid")
     if dist.is_main():
         print_report(write_outputs(result, args, record, run_dir, cfg, diffusion, chosen))
     dist.barrier()  # the other ranks leave only once the results are on disk
@@ -600,9 +620,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         # First, before the checkpoint, the data and any generation are even imported: bad options
         # and missing Inception weights stop the command within seconds.
-        check_request(chosen, sampler=args.sampler, steps=args.steps, num_samples=args.num_samples,
-                      t_values=args.t_values, num_steps=None, extractor_path=args.feature_extractor,
-                      fid_weights=args.fid_weights)
+        if args.task == "generate":
+            check_request(chosen, sampler=args.sampler, steps=args.steps, num_samples=args.num_samples,
+                          t_values=args.t_values, num_steps=None, extractor_path=args.feature_extractor,
+                          fid_weights=args.fid_weights)
+        else:
+            chosen = [args.task]  # the task's own metrics (e.g. inpaint_psnr), not FID/KID/PSNR/SSIM
     except (EvalError, MetricError) as err:
         return _error(err)
     from dgan.checkpoint import CheckpointError

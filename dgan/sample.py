@@ -3,6 +3,7 @@
 Writes one PNG per image (16-bit where the training data was 16-bit) and a grid, from the
 EMA generator of a checkpoint. `--class C --guidance W` samples one class with
 classifier-free guidance; `--trajectory` also saves the denoising trajectory as a strip.
+`--inpaint IMAGE --mask PNG` (white = generate) fills a hole RePaint-style instead; see dgan/inpaint.py.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torchvision.utils import make_grid  # noqa: E402
 from dgan.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from dgan.config import Config, config_from_dict  # noqa: E402
 from dgan.diffusion import Diffusion  # noqa: E402
+from dgan.inpaint import add_inpaint_args, inpaint_cli  # noqa: E402
 from dgan.models import Generator  # noqa: E402
 
 
@@ -109,7 +111,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dgan.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (runs/<run>/checkpoints/ckpt-*.pt)")
-    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--n", type=int, default=None, help="number of images (default 64; --inpaint: completions, 4)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp2m"])
     p.add_argument("--steps", type=int, default=50, help="sampler steps (ddpm always uses T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
@@ -120,7 +122,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--trajectory", action="store_true", help="also save the x0-prediction trajectory strip")
     p.add_argument("--device", default="auto")
-    return p.parse_args(argv)
+    add_inpaint_args(p, mask_file=True)  # --inpaint IMAGE --mask PNG --mask-type --jump-length --jump-n-sample
+    args = p.parse_args(argv)
+    if args.n is None:
+        args.n = 4 if args.inpaint is not None else 64
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -135,6 +141,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.label is not None and not 0 <= args.label < max(cfg.model.num_classes, 1):
         print(f"error: --class {args.label} but the model has num_classes={cfg.model.num_classes}", file=sys.stderr)
         return 2
+    if args.inpaint is not None:
+        return inpaint_cli(args, G, cfg, diffusion, device)
     out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / f"samples-{args.sampler}{args.steps}")
     out.mkdir(parents=True, exist_ok=True)
     labels = None if args.label is None else torch.full((args.n,), args.label, dtype=torch.long)

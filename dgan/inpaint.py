@@ -1,0 +1,521 @@
+"""RePaint-style inpainting (Lugmayr et al. 2022, arXiv 2201.09865) with a trained noise predictor.
+
+Mask convention, everywhere in dgan: **1 (True) = the region to generate (the hole), 0 = known**
+pixels that are kept from the input. A mask PNG follows it with white = generate: any non-zero
+pixel (in any colour channel; alpha is ignored) is part of the hole.
+
+How it works. The unconditional model is never retrained. At every sampler step the state's known
+region is replaced by the input noised to the new state's level, ``q(x0_known, t_next)``, so the
+model always sees a consistent noisy image and fills the hole to match. RePaint's "resampling
+jumps" harmonise the hole with its border: after reaching certain timesteps, the state is
+re-noised ``jump_length`` steps back up and denoised again, ``jump_n_sample`` times in all
+(``jump_n_sample=1``: no jumps). At the end the known region is pasted exactly, so outside the
+mask the output equals the input.
+
+    python -m dgan.sample --checkpoint CKPT --inpaint image.png --mask mask.png --out DIR
+    python -m dgan.evaluate --task inpaint --mask-type box|brush [--task-images 16]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dgan.diffusion import Diffusion, ModelFn, StepHook
+
+MASK_TYPES = ("box", "brush")
+INPAINT_SAMPLERS = ("ddim", "ddpm")
+DEFAULT_JUMP_LENGTH = 10
+DEFAULT_JUMP_N_SAMPLE = 10
+# Seed-derivation tags for dgan.evaluate.derive_seed: one per random stream.
+_TAG_MASK, _TAG_SAMPLING = 11, 12
+# Two aspect ratios this close are "the same" (integer image sizes round the ratio a little).
+_ASPECT_TOLERANCE = 0.02
+
+Move = tuple[int, int | None]  # (timestep from, timestep to); to None = clean data
+
+
+class InpaintError(ValueError):
+    """A bad input for inpainting; the message is one line that says what is wrong and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks: bool H x W numpy arrays, True = generate
+# --------------------------------------------------------------------------------------------------
+
+
+def _hw(size: int | Sequence[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+
+
+def check_mask(mask: np.ndarray, what: str) -> np.ndarray:
+    """Refuse masks that would not be inpainting: an empty hole (nothing to do) or no known pixel
+    (that is unconditional sampling; use python -m dgan.sample without --inpaint)."""
+    if not mask.any():
+        raise InpaintError(f"{what}: the mask is empty (no pixel to generate); white (non-zero) marks the hole")
+    if mask.all():
+        raise InpaintError(f"{what}: the mask covers the whole image, so nothing is known; use python -m "
+                           "dgan.sample without --inpaint for unconditional samples")
+    return mask
+
+
+def box_mask(size: int | Sequence[int], box: Sequence[int] | None = None) -> np.ndarray:
+    """A rectangular hole. `box` = (top, left, height, width) in pixels; None: the centred box of half
+    the height and width (a quarter of the area)."""
+    h, w = _hw(size)
+    if box is None:
+        box = ((h - h // 2) // 2, (w - w // 2) // 2, h // 2, w // 2)
+    top, left, bh, bw = (int(v) for v in box)
+    if bh < 1 or bw < 1 or top < 0 or left < 0 or top + bh > h or left + bw > w:
+        raise InpaintError(f"box (top, left, height, width) = {tuple(box)} does not fit a {h}x{w} image")
+    mask = np.zeros((h, w), dtype=bool)
+    mask[top:top + bh, left:left + bw] = True
+    return check_mask(mask, "box mask")
+
+
+def brush_mask(size: int | Sequence[int], seed: int, *, min_fraction: float = 0.1,
+               max_fraction: float = 0.3, max_strokes: int = 12) -> np.ndarray:
+    """Random free-form brush strokes (polylines with round joints), drawn from `seed` alone.
+
+    Strokes are added until the hole covers a target fraction drawn from [min_fraction, max_fraction]
+    (or max_strokes is reached), so the area is controlled while the shape varies; every vertex is
+    clipped to the image, so strokes never leave it.
+    """
+    import cv2
+
+    h, w = _hw(size)
+    rng = np.random.default_rng(seed)
+    target = rng.uniform(min_fraction, max_fraction)
+    width = max(1, round(min(h, w) / 10))  # ~3 px at 32 px: thin enough to need context on both sides
+    canvas = np.zeros((h, w), dtype=np.uint8)
+    for _ in range(max_strokes):
+        point = np.array([rng.uniform(0, w - 1), rng.uniform(0, h - 1)])
+        for _ in range(int(rng.integers(2, 6))):
+            angle, length = rng.uniform(0, 2 * math.pi), rng.uniform(0.1, 0.35) * max(h, w)
+            nxt = np.clip(point + length * np.array([math.cos(angle), math.sin(angle)]), 0, [w - 1, h - 1])
+            cv2.line(canvas, tuple(int(v) for v in point.round()), tuple(int(v) for v in nxt.round()), 255,
+                     thickness=width, lineType=cv2.LINE_8)
+            point = nxt
+        if (canvas > 0).mean() >= target:
+            break
+    return check_mask(canvas > 0, f"brush mask (seed {seed})")
+
+
+def make_mask(kind: str, size: int | Sequence[int], seed: int = 0) -> np.ndarray:
+    """A generated mask by name: "box" (centred, seed unused) or "brush" (seeded strokes)."""
+    if kind == "box":
+        return box_mask(size)
+    if kind == "brush":
+        return brush_mask(size, seed)
+    raise InpaintError(f"mask type {kind!r}: use one of {', '.join(MASK_TYPES)}")
+
+
+def mask_from_array(raw: np.ndarray, image_hw: Sequence[int], image_size: int, what: str) -> np.ndarray:
+    """A mask image (any dtype, H x W or H x W x C) -> bool image_size x image_size, True = generate.
+
+    The mask must have the input image's aspect ratio (any resolution): it is then letterboxed like
+    the image (the padding is known, 0) and resized with nearest neighbour, so the hole stays binary
+    and lands on the same pixels as in the preprocessed image.
+    """
+    import cv2
+
+    from dgan.data.sources import letterbox_resize
+
+    if raw.ndim == 3:
+        raw = raw[:, :, :3] if raw.shape[2] >= 3 else raw[:, :, :1]  # drop alpha: transparency is not "hole"
+        raw = raw.any(axis=2)
+    (mh, mw), (ih, iw) = raw.shape[:2], tuple(int(v) for v in image_hw)
+    if abs(mh / mw - ih / iw) > _ASPECT_TOLERANCE * ih / iw:
+        raise InpaintError(f"{what}: mask is {mw}x{mh} (WxH) but the image is {iw}x{ih}; give a mask of the "
+                           "image's size (or at least its aspect ratio)")
+    binary = check_mask(raw != 0, what)
+    square = letterbox_resize(binary.astype(np.uint8), max(mh, mw))  # pads with the minimum: 0, known
+    resized = cv2.resize(square, (image_size, image_size), interpolation=cv2.INTER_NEAREST) > 0
+    return check_mask(resized, f"{what} (resized to {image_size}x{image_size})")
+
+
+# --------------------------------------------------------------------------------------------------
+# The RePaint time schedule and its moves
+# --------------------------------------------------------------------------------------------------
+
+
+def jump_schedule(grid: Sequence[int], jump_length: int, jump_n_sample: int) -> list[Move]:
+    """The moves of RePaint's resampling schedule over a decreasing timestep grid.
+
+    Positions 0..S-1 are the grid's timesteps and position S is clean data. Each time the state
+    reaches a position p = k * jump_length (0 < p < S) it is re-noised back to p - jump_length,
+    and that happens jump_n_sample - 1 times per p: every block of jump_length denoising steps
+    runs jump_n_sample times, so about S * jump_n_sample model calls in all. A move (a, b) with
+    b > a is a re-noising jump; b None is the final step to clean data.
+    """
+    if jump_length < 1 or jump_n_sample < 1:
+        raise InpaintError(f"jump_length {jump_length} and jump_n_sample {jump_n_sample} must both be >= 1")
+    if jump_n_sample > 1 and jump_length >= len(grid):
+        raise InpaintError(f"jump_length {jump_length} must be below the number of sampler steps "
+                           f"({len(grid)}) to jump at all; lower --jump-length or raise --steps")
+    levels: list[int | None] = [int(t) for t in grid] + [None]
+    jumps_left = {p: jump_n_sample - 1 for p in range(jump_length, len(grid), jump_length)}
+    moves: list[Move] = []
+    p = 0
+    while p < len(grid):
+        moves.append((levels[p], levels[p + 1]))
+        p += 1
+        if jumps_left.get(p, 0) > 0:
+            jumps_left[p] -= 1
+            moves.append((levels[p], levels[p - jump_length]))
+            p -= jump_length
+    return moves
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    # A generator fills tensors on its own device only: draw there, then move.
+    return torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+
+
+def _t_batch(t: int | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Timestep t for every row of x, as the model and StepHooks take it; None stays None (clean)."""
+    return None if t is None else torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+def _abar(diffusion: Diffusion, t: int | None) -> float:
+    return 1.0 if t is None else float(diffusion.alpha_bar[t])
+
+
+def renoise(diffusion: Diffusion, x: torch.Tensor, t_from: int, t_to: int,
+            generator: torch.Generator) -> torch.Tensor:
+    """Sample q(x_{t_to} | x_{t_from}) for t_to > t_from: the forward process over the gap in one draw
+    (the product of its one-step kernels, which is what RePaint's step-by-step re-noising samples)."""
+    ratio = _abar(diffusion, t_to) / _abar(diffusion, t_from)
+    return math.sqrt(ratio) * x + math.sqrt(1.0 - ratio) * _noise_like(x, generator)
+
+
+def denoise_step(diffusion: Diffusion, model_fn: ModelFn, x: torch.Tensor, t: int, t_next: int | None, *,
+                 sampler: str, eta: float, generator: torch.Generator) -> torch.Tensor:
+    """One sampler update from timestep t to t_next (None: clean), as Diffusion's samplers make it:
+    x0 is predicted and clipped to [-1, 1], then DDPM draws from q_posterior (one-step grid) and DDIM
+    moves along the (x0, eps) line with eta-scaled fresh noise."""
+    t_batch = _t_batch(t, x)
+    x0 = diffusion.predict_x0(x, t_batch, model_fn(x, t_batch)).clamp(-1.0, 1.0)
+    if sampler == "ddpm":
+        mean, variance, _ = diffusion.q_posterior(x0, x, t_batch)
+        return mean if t_next is None else mean + variance.sqrt() * _noise_like(x, generator)
+    if t_next is None:
+        return x0
+    eps = diffusion.predict_eps(x, t_batch, x0)  # consistent with the clipped x0, as in ddim_sample
+    abar, abar_next = _abar(diffusion, t), _abar(diffusion, t_next)
+    sigma = eta * math.sqrt((1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next))
+    x = math.sqrt(abar_next) * x0 + math.sqrt(max(1.0 - abar_next - sigma ** 2, 0.0)) * eps
+    return x + sigma * _noise_like(x, generator) if sigma > 0.0 else x
+
+
+def paste_hook(diffusion: Diffusion, x0_known: torch.Tensor, mask: torch.Tensor,
+               generator: torch.Generator) -> StepHook:
+    """A Diffusion StepHook: outside the mask the state becomes q(x0_known, t_next) with fresh noise,
+    or x0_known itself once the state is clean (t_next None), pasted exactly (torch.where, no blend)."""
+    hole = mask.bool()
+
+    def hook(x: torch.Tensor, t_next: torch.Tensor | None) -> torch.Tensor:
+        known = x0_known if t_next is None else diffusion.q_sample(x0_known, t_next, _noise_like(x, generator))
+        return torch.where(hole, x, known)
+    return hook
+
+
+# --------------------------------------------------------------------------------------------------
+# Inpainting
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_model_fn(model: torch.nn.Module | ModelFn, labels: torch.Tensor | None,
+                 guidance: float) -> ModelFn:
+    """A generator module goes through sample.guided_model_fn (labels, classifier-free guidance);
+    a plain eps function (an analytic oracle in tests) is used as it is."""
+    if isinstance(model, torch.nn.Module):
+        from dgan.sample import guided_model_fn
+
+        return guided_model_fn(model, labels, guidance)
+    if labels is not None:
+        raise InpaintError("labels need a generator module; a plain model_fn cannot take them")
+    return model
+
+
+def _batch_mask(mask: np.ndarray | torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Any H x W, 1 x H x W or B x 1 x H x W mask -> a bool B x 1 x H x W tensor on image's device."""
+    m = torch.as_tensor(mask).to(image.device) != 0
+    while m.ndim < 4:
+        m = m.unsqueeze(0)
+    if m.shape[-2:] != image.shape[-2:] or m.shape[1] != 1 or m.shape[0] not in (1, image.shape[0]):
+        raise InpaintError(f"mask of shape {tuple(m.shape)} does not fit images of shape {tuple(image.shape)}")
+    return m.expand(image.shape[0], 1, *image.shape[-2:])
+
+
+@torch.no_grad()
+def inpaint(model: torch.nn.Module | ModelFn, diffusion: Diffusion, image: torch.Tensor,
+            mask: np.ndarray | torch.Tensor, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+            jump_length: int = DEFAULT_JUMP_LENGTH, jump_n_sample: int = DEFAULT_JUMP_N_SAMPLE,
+            seed: int = 0, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
+            guidance: float = 1.0) -> torch.Tensor:
+    """Fill the hole (mask 1) of `image` (B x C x H x W in [-1, 1]) with RePaint; returns B x C x H x W.
+
+    `sampler` "ddim" runs `steps` timesteps (timesteps_for), "ddpm" all T (steps ignored). Each batch
+    row gets its own noise, so repeating one image B times gives B different completions. Noise comes
+    from `generator` (default: a new one seeded by `seed`), never from the global RNG. Outside the
+    mask the result is the input exactly.
+    """
+    if sampler not in INPAINT_SAMPLERS:
+        raise InpaintError(f"sampler {sampler!r}: inpainting supports {', '.join(INPAINT_SAMPLERS)} "
+                           "(dpmpp2m's multistep history does not survive the pasting)")
+    if not 0.0 <= eta <= 1.0:
+        raise InpaintError(f"eta {eta}: must be in [0, 1]")
+    if image.ndim == 3:
+        image = image.unsqueeze(0)
+    hole = _batch_mask(mask, image)
+    ddpm = sampler == "ddpm"
+    grid = list(range(diffusion.num_steps - 1, -1, -1)) if ddpm else diffusion.timesteps_for(steps).tolist()
+    moves = jump_schedule(grid, jump_length, jump_n_sample)
+    gen = torch.Generator(device=image.device).manual_seed(seed) if generator is None else generator
+    model_fn = _as_model_fn(model, labels, guidance)
+    paste = paste_hook(diffusion, image, hole, gen)
+    was_training = model.training if isinstance(model, torch.nn.Module) else None
+    if was_training is not None:
+        model.eval()
+    try:
+        x = paste(_noise_like(image, gen), _t_batch(grid[0], image))
+        for t_from, t_to in moves:
+            if t_to is not None and t_to > t_from:
+                x = renoise(diffusion, x, t_from, t_to, gen)
+            else:
+                x = denoise_step(diffusion, model_fn, x, t_from, t_to, sampler=sampler, eta=eta, generator=gen)
+            x = paste(x, _t_batch(t_to, x))
+    finally:
+        if was_training is not None:
+            model.train(was_training)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics inside the mask
+# --------------------------------------------------------------------------------------------------
+
+
+def masked_psnr_ssim(pred: torch.Tensor, target: torch.Tensor, mask: np.ndarray | torch.Tensor,
+                     data_range: float = 2.0) -> dict[str, float]:
+    """Mean over images of PSNR and SSIM restricted to the hole (mask 1).
+
+    PSNR: torchmetrics' PSNR of the hole pixels only (all channels), per image. SSIM: torchmetrics'
+    full SSIM map (11x11 Gaussian windows, as dgan.metrics.psnr_ssim), averaged over the hole pixels
+    only; a window centred in the hole near its border also sees known pixels, which is what makes
+    SSIM score how well the fill continues the surrounding structure.
+    """
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
+
+    pred, target = pred.double(), target.double()
+    hole = _batch_mask(mask, target).expand_as(target)
+    _, ssim_map = structural_similarity_index_measure(pred, target, data_range=data_range, reduction="none",
+                                                      return_full_image=True)
+    psnr = [peak_signal_noise_ratio(p[m], t[m], data_range=data_range) for p, t, m in zip(pred, target, hole)]
+    ssim = (ssim_map * hole).sum(dim=(1, 2, 3)) / hole.sum(dim=(1, 2, 3))
+    return {"psnr": float(torch.stack(psnr).mean()), "ssim": float(ssim.mean())}
+
+
+def mean_fill(image: torch.Tensor, mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The trivial baseline: the hole filled with the mean of each image's known pixels, per channel."""
+    hole = _batch_mask(mask, image).to(image.dtype)
+    known = 1.0 - hole
+    mean = (image * known).sum(dim=(2, 3), keepdim=True) / known.sum(dim=(2, 3), keepdim=True)
+    return image * known + mean * hole
+
+
+@torch.no_grad()
+def evaluate_inpainting(G: torch.nn.Module | ModelFn, diffusion: Diffusion, images: torch.Tensor, *,
+                        mask_type: str = "box", seed: int = 0, labels: torch.Tensor | None = None,
+                        sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+                        jump_length: int = DEFAULT_JUMP_LENGTH, jump_n_sample: int = DEFAULT_JUMP_N_SAMPLE,
+                        batch_size: int = 16, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Inpaint held-out `images` (N x C x H x W in [-1, 1]) and score the hole against the truth.
+
+    Image i gets the centred box, or the brush mask seeded by (seed, i). Returns the metrics
+    inpaint_psnr/ssim, the same for the mean-fill baseline (inpaint_baseline_*), the mean hole fraction,
+    and "results", the inpainted images (CPU). Batch b's noise is seeded by (seed, its first index).
+    """
+    from dgan.evaluate import derive_seed
+
+    size = images.shape[-2:]
+    masks = torch.stack([torch.from_numpy(make_mask(mask_type, size, derive_seed(seed, _TAG_MASK, i)))
+                         for i in range(images.shape[0])]).unsqueeze(1)
+    results = []
+    for start in range(0, images.shape[0], batch_size):
+        stop = min(start + batch_size, images.shape[0])
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, _TAG_SAMPLING, start))
+        y = None if labels is None else labels[start:stop].to(device)
+        results.append(inpaint(G, diffusion, images[start:stop].to(device), masks[start:stop].to(device),
+                               sampler=sampler, steps=steps, eta=eta, jump_length=jump_length,
+                               jump_n_sample=jump_n_sample, generator=gen, labels=y).cpu())
+    result = torch.cat(results)
+    ours, baseline = masked_psnr_ssim(result, images, masks), masked_psnr_ssim(mean_fill(images, masks), images, masks)
+    return {"inpaint_psnr": ours["psnr"], "inpaint_ssim": ours["ssim"],
+            "inpaint_baseline_psnr": baseline["psnr"], "inpaint_baseline_ssim": baseline["ssim"],
+            "inpaint_mask_fraction": float(masks.float().mean()), "results": result}
+
+
+def run_inpaint_task(G: torch.nn.Module, diffusion: Diffusion, cfg, args: argparse.Namespace,
+                     device: torch.device):
+    """python -m dgan.evaluate --task inpaint: rank 0 scores the first --task-images held-out images of
+    --reference; every rank gets the metrics. Returns a dgan.evaluate.EvalResult."""
+    from dgan import distributed as dist
+    from dgan.evaluate import (
+        EvalError,
+        EvalResult,
+        _conditioning_labels,
+        _reference_info,
+        load_reference,
+    )
+    from dgan.metrics import to_uint8
+
+    try:  # on every rank, before rank 0 starts: a bad option must not leave the other ranks waiting
+        _check_generate_model(cfg)
+        if args.sampler not in INPAINT_SAMPLERS:
+            raise InpaintError(f"--sampler {args.sampler}: --task inpaint supports {', '.join(INPAINT_SAMPLERS)}")
+        grid_len = diffusion.num_steps if args.sampler == "ddpm" else len(diffusion.timesteps_for(args.steps))
+        jump_schedule(range(grid_len), args.jump_length, args.jump_n_sample)
+    except (InpaintError, ValueError) as err:
+        raise EvalError(str(err)) from None
+    metrics: dict[str, float] = {}
+    info: dict[str, Any] = {}
+    samples = None
+    clock = time.perf_counter()
+    if dist.is_main():
+        real, labels = load_reference(cfg, args.reference, args.task_images)
+        scores = evaluate_inpainting(G, diffusion, real, mask_type=args.mask_type or "box", seed=args.seed,
+                                     labels=_conditioning_labels(cfg, labels), sampler=args.sampler,
+                                     steps=args.steps, jump_length=args.jump_length,
+                                     jump_n_sample=args.jump_n_sample, batch_size=args.batch_size, device=device)
+        samples = to_uint8(scores.pop("results"))
+        metrics = scores
+        info["reference"] = _reference_info(cfg, args.reference, real.shape[0], None)
+        info["task"] = {"mask_type": args.mask_type or "box", "jump_length": args.jump_length,
+                           "jump_n_sample": args.jump_n_sample, "baseline": "mean of the known pixels"}
+    info.update(generation_s=round(time.perf_counter() - clock, 3), extractor={"name": None},
+                world_size=dist.get_world_size())
+    metrics, info = dist.broadcast_object((metrics, info))
+    return EvalResult(metrics=metrics, info=info, samples=samples)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line (python -m dgan.sample --inpaint ...)
+# --------------------------------------------------------------------------------------------------
+
+
+def add_inpaint_args(p: argparse.ArgumentParser, *, mask_file: bool) -> None:
+    """The inpainting options, shared by dgan.sample (mask_file: --inpaint/--mask) and dgan.evaluate."""
+    if mask_file:
+        p.add_argument("--inpaint", metavar="IMAGE", help="inpaint this image (PNG/TIFF/DICOM/NIfTI) instead of "
+                                                          "sampling; --n gives that many completions")
+        p.add_argument("--mask", metavar="PNG", help="--inpaint: the hole as a PNG, white (non-zero) = generate")
+    p.add_argument("--mask-type", choices=MASK_TYPES, default=None,
+                   help="inpainting hole: centred box (default) or seeded random brush strokes")
+    p.add_argument("--jump-length", type=int, default=DEFAULT_JUMP_LENGTH,
+                   help="RePaint: re-noise this many sampler steps back at each jump")
+    p.add_argument("--jump-n-sample", type=int, default=DEFAULT_JUMP_N_SAMPLE,
+                   help="RePaint: run each jump block this many times (1 = no resampling)")
+
+
+def _first_record(path: Path, what: str, channels: int):
+    """The first image record of a file through dgan.data.sources (the readers training data uses)."""
+    from dgan.data.sources import DataError, ReadOptions, Record, discover, read_item
+
+    if not path.is_file():
+        raise InpaintError(f"{what} {path}: no such file")
+    opts = ReadOptions(channels=channels, labels="none")
+    try:
+        item = discover(path, opts).items[0]
+    except DataError:
+        raise InpaintError(f"{what} {path}: not a PNG/JPG/TIFF/DICOM/NIfTI file") from None
+    record = next(read_item(item, opts), None)
+    if not isinstance(record, Record):
+        detail = f"{record.reason}: {record.detail}" if record is not None else "no image in it"
+        raise InpaintError(f"{what} {path}: cannot read the image ({detail})")
+    return record
+
+
+def read_input_image(path: Path, channels: int, image_size: int) -> tuple[torch.Tensor, int, tuple[int, int]]:
+    """(1 x C x S x S image in [-1, 1], bit depth, original (H, W)), preprocessed like training data:
+    stored dtype and channels, letterboxed and resized to S, scaled to [-1, 1]. A volume (NIfTI,
+    multi-frame DICOM) gives its first usable slice."""
+    from dgan.data.loader import collate
+    from dgan.data.sources import DataError, letterbox_resize, to_stored
+
+    record = _first_record(Path(path), "--inpaint", channels)
+    try:
+        stored = letterbox_resize(to_stored(record.image, channels), image_size)
+    except DataError as err:
+        raise InpaintError(f"--inpaint {path}: {err}") from None
+    scaled = stored.astype(np.float32) / (65535.0 if stored.dtype == np.uint16 else 255.0)
+    x, _ = collate([scaled[:, :, None] if scaled.ndim == 2 else scaled], [0])
+    return x, record.meta.bit_depth, tuple(record.meta.original_size)
+
+
+def _check_generate_model(cfg) -> None:
+    if getattr(cfg.model, "task", "generate") != "generate":
+        raise InpaintError(f"the checkpoint is a model.task={cfg.model.task} model; inpainting needs an "
+                           "image generator (model.task=generate)")
+
+
+def _cli_mask(args: argparse.Namespace, image_hw: tuple[int, int], image_size: int) -> np.ndarray:
+    if args.mask is not None and args.mask_type is not None:
+        raise InpaintError("give either --mask PNG or --mask-type, not both")
+    if args.mask is None:
+        return make_mask(args.mask_type or "box", image_size, args.seed)
+    record = _first_record(Path(args.mask), "--mask", 1)
+    return mask_from_array(record.image, image_hw, image_size, f"--mask {args.mask}")
+
+
+def _write_outputs(out: Path, image: torch.Tensor, mask: np.ndarray, results: torch.Tensor, bit_depth: int) -> None:
+    """input.png, mask.png (white = generated), inpainted-K.png and strip.png (input | masked | results)."""
+    from PIL import Image
+
+    from dgan.sample import save_grid, save_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_image(image[0], out / "input.png", bit_depth=bit_depth)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(out / "mask.png")
+    for k, result in enumerate(results):
+        save_image(result, out / f"inpainted-{k:03d}.png", bit_depth=bit_depth)
+    masked = torch.where(torch.from_numpy(mask), torch.ones(()), image)  # the hole shown white, like mask.png
+    strip = torch.cat([image, masked, results])
+    save_grid(strip, out / "strip.png", nrow=len(strip))
+
+
+def inpaint_cli(args: argparse.Namespace, G: torch.nn.Module, cfg, diffusion: Diffusion,
+                device: torch.device) -> int:
+    """python -m dgan.sample --inpaint IMAGE [--mask PNG | --mask-type box|brush]: 0 on success,
+    2 (one line on stderr) for bad input."""
+    try:
+        _check_generate_model(cfg)
+        if args.n < 1:
+            raise InpaintError(f"--n {args.n}: need at least one completion")
+        size = cfg.model.image_size
+        image, bit_depth, image_hw = read_input_image(Path(args.inpaint), cfg.model.channels, size)
+        mask = _cli_mask(args, image_hw, size)
+        labels = None if args.label is None else torch.full((args.n,), args.label, dtype=torch.long, device=device)
+        results = inpaint(G, diffusion, image.expand(args.n, -1, -1, -1).to(device), mask, sampler=args.sampler,
+                          steps=args.steps, eta=args.eta, jump_length=args.jump_length,
+                          jump_n_sample=args.jump_n_sample, seed=args.seed, labels=labels,
+                          guidance=args.guidance).cpu()
+    except (InpaintError, ValueError) as err:  # ValueError: e.g. --steps outside 1..T from the Diffusion
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / f"inpaint-{Path(args.inpaint).stem}")
+    _write_outputs(out, image, mask, results, bit_depth)
+    print(f"wrote {len(results)} inpainted image(s), mask.png and strip.png to {out}")
+    return 0
+
