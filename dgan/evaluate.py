@@ -1,11 +1,13 @@
 """python -m dgan.evaluate: FID/KID/PSNR/SSIM of a checkpoint's EMA generator.
 
-    python -m dgan.evaluate --fid --kid --psnr --ssim [--run DIR | --checkpoint PATH]
+    python -m dgan.evaluate --fid --kid --psnr --ssim [--frd] [--run DIR | --checkpoint PATH]
         [--num-samples N] [--sampler ddim|ddpm|dpmpp2m --steps 50] [--batch-size B] [--seed S]
         [--fid-weights PATH] [--feature-extractor model.pt] [--reference val|train]
         [--t-values 50,100,250,500] [--root runs] [--no-mlflow]
 
-With no metric flag, all four are computed. With neither --run nor --checkpoint, the newest run
+With no metric flag, FID, KID, PSNR and SSIM are computed; --frd (Fréchet Radiomics Distance,
+dgan.metrics.frd, samples against the reference like FID) is opt-in and needs the `frd` extra:
+pip install -e ".[frd]". With neither --run nor --checkpoint, the newest run
 under --root (the one whose newest checkpoint was written last) is evaluated, at its newest
 valid checkpoint.
 
@@ -58,7 +60,10 @@ from dgan.config import int_list_arg  # noqa: E402
 from dgan import distributed as dist  # noqa: E402
 from dgan.runinfo import file_sha256  # noqa: E402
 
-METRICS = ("fid", "kid", "psnr", "ssim")
+METRICS = ("fid", "kid", "psnr", "ssim", "frd")
+# Without a metric flag. FRD is opt-in: it needs the optional `frd` extra (PyRadiomics).
+DEFAULT_METRICS = ("fid", "kid", "psnr", "ssim")
+SAMPLE_METRICS = {"fid", "kid", "frd"}  # scored on generated samples, so they need a generation
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
 REFERENCES = ("val", "train")
 TASKS = ("generate", "inpaint", "sr")  # --task: what is scored; generate is FID/KID/PSNR/SSIM of samples
@@ -258,8 +263,8 @@ def check_request(metrics: Iterable[str], *, sampler: str, steps: int, num_sampl
                   num_steps: Optional[int], extractor_path=None, fid_weights=None) -> dict[str, Any]:
     """Validate everything that can be checked before any work; return the feature-extractor record.
 
-    Raises EvalError, or MetricError for missing Inception weights: nothing is downloaded, so this is
-    where an offline run without the weights stops, before a long generation.
+    Raises EvalError, or MetricError for missing Inception weights or a missing `frd` extra: nothing is
+    downloaded, so this is where an offline run without them stops, before a long generation.
     """
     from dgan.metrics import INCEPTION, resolve_inception_weights
 
@@ -276,10 +281,14 @@ def check_request(metrics: Iterable[str], *, sampler: str, steps: int, num_sampl
         if not t_values or bad:
             top = num_steps - 1 if num_steps is not None else "T-1"
             raise EvalError(f"--t-values {list(t_values)}: need timesteps in 0..{top}")
+    if "frd" in chosen:
+        from dgan.metrics import require_frd
+
+        require_frd()  # MetricError with the install command when the optional extra is missing
+    if chosen & SAMPLE_METRICS and num_samples < 2:
+        raise EvalError(f"--num-samples {num_samples}: FID/KID/FRD need at least 2 samples")
     if not chosen & {"fid", "kid"}:
         return {"name": None}
-    if num_samples < 2:
-        raise EvalError(f"--num-samples {num_samples}: FID/KID need at least 2 samples")
     if extractor_path is not None:
         path = Path(extractor_path).expanduser()
         if not path.is_file():
@@ -322,13 +331,17 @@ def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, samp
             info["reference"]["recon_images"] = n
     samples = ranks = None
     clock = time.perf_counter()
-    if want_fid:
+    if chosen & SAMPLE_METRICS:
         samples, ranks = generate_distributed(G, diffusion, cfg, num_samples=num_samples, sampler=sampler,
                                               steps=steps, seed=seed, batch_size=batch_size, device=device)
     info["generation_s"] = round(time.perf_counter() - clock, 3)
     if dist.is_main() and want_fid:
         scores.update(_fid_kid(real, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg, device,
                                batch_size))
+    if dist.is_main() and "frd" in chosen:
+        from dgan.metrics import frd, to_uint8
+
+        scores["frd"] = frd(to_uint8(real), samples)  # the reference first: FRD z-scores against it
     info.update(extractor=extractor, world_size=dist.get_world_size())
     scores, info = dist.broadcast_object((scores, info))
     return EvalResult(metrics=scores, info=info, samples=samples, sample_ranks=ranks)
@@ -540,15 +553,17 @@ def _non_negative(text: str) -> int:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dgan.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in METRICS:
+    for name in DEFAULT_METRICS:
         p.add_argument(f"--{name}", action="store_true", help=f"compute {name.upper()} (no metric flag: all four)")
+    p.add_argument("--frd", action="store_true",
+                   help='compute FRD, the Fréchet Radiomics Distance (opt-in; needs pip install -e ".[frd]")')
     where = p.add_mutually_exclusive_group()
     where.add_argument("--run", "--run-dir", dest="run",
                        help="run directory (default: the newest run under --root); under torchrun write "
                             "--run-dir, since torchrun takes --run as an abbreviation of its --run-path")
     where.add_argument("--checkpoint", help="a checkpoint file (default: the run's newest valid one)")
     p.add_argument("--root", default="runs", help="where runs live (log.root); used without --run/--checkpoint")
-    p.add_argument("--num-samples", type=int, default=5000, help="generated images for FID/KID")
+    p.add_argument("--num-samples", type=int, default=5000, help="generated images for FID/KID/FRD")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=50, help="sampler steps (ddpm always runs all T)")
     p.add_argument("--batch-size", type=int, default=64, help="per-rank generation batch")
@@ -614,7 +629,7 @@ def _error(err: Exception) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    chosen = [m for m in METRICS if getattr(args, m)] or list(METRICS)
+    chosen = [m for m in METRICS if getattr(args, m)] or list(DEFAULT_METRICS)
     from dgan.metrics import MetricError
 
     try:
