@@ -32,11 +32,18 @@ class ModelConfig:
     channels: int = 1                         # image channels (1 grayscale, 3 RGB)
     image_size: int = 32
     num_classes: int = 0                      # 0 = unconditional
+    task: Literal["generate", "sr"] = "generate"  # sr: G conditioned on the bicubic-upsampled LR image
+    sr_scale: int = 4                         # task=sr: HR/LR size ratio (model.image_size is the HR size)
     time_dim: int = 128                       # width of the t/tau embedding
     d_channels: int = 32                      # PatchGAN base width (64 costs 4x: D runs 3 passes per step)
     d_layers: int = 3                         # PatchGAN stride-2 layers
     channels_last: bool = False
     compile: bool = False
+
+    @property
+    def cond_channels(self) -> int:
+        """Channels G (and D) get concatenated to their input: the upsampled LR image for task=sr."""
+        return self.channels if self.task == "sr" else 0
 
 
 @dataclass
@@ -348,7 +355,8 @@ def validate(cfg: Config) -> None:
     _require(t.keep_last >= 1, "train.keep_last", "must be >= 1 (keeping none would lose the run)")
     _require(t.ema_halflife_kimg > 0, "train.ema_halflife_kimg", "must be > 0")
     _validate_data(cfg.data)
-    _validate_eval(cfg.eval)
+    _validate_eval(cfg.eval, sr=m.task == "sr")
+    _validate_sr(cfg)
     _require(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
 
 
@@ -364,7 +372,7 @@ def _validate_data(dc: DataConfig) -> None:
         _require(0.0 <= getattr(dc, name) <= 1.0, f"data.{name}", "a probability in [0, 1]")
 
 
-def _validate_eval(ev: EvalConfig) -> None:
+def _validate_eval(ev: EvalConfig, sr: bool = False) -> None:
     known = ("fid", "kid", "psnr", "ssim")
     for name in ev.metrics:
         _require(name in known, "eval.metrics", f"unknown metric {name!r}; use some of {', '.join(known)}")
@@ -372,9 +380,36 @@ def _validate_eval(ev: EvalConfig) -> None:
              "every_kimg must be >= 0, num_samples >= 2 and steps >= 1")
     if ev.best_metric is not None:
         base = ev.best_metric.split("_t")[0]  # psnr_t100 -> psnr
+        if sr:
+            base = ev.best_metric.removeprefix("sr_")  # sr_psnr -> psnr (see _validate_sr)
         _require(base in ev.metrics, "eval.best_metric",
                  f"{ev.best_metric!r} is not computed; add {base!r} to eval.metrics")
         _require(ev.every_kimg > 0, "eval.best_metric", "needs eval.every_kimg > 0 to have values")
     if ev.feature_extractor is not None:
         _require(Path(ev.feature_extractor).is_file(), "eval.feature_extractor",
                  f"{ev.feature_extractor} does not exist")
+
+def _validate_sr(cfg: Config) -> None:
+    """task=sr: the LR grid must tile the HR image exactly, and periodic evaluation must be SR's."""
+    m, ev = cfg.model, cfg.eval
+    if m.task != "sr":
+        return
+    _require(m.sr_scale >= 2, "model.sr_scale", f"{m.sr_scale} is not an upscaling factor; use an integer >= 2 "
+             "(2, 4 or 8 are typical)")
+    fits = [s for s in (2, 4, 8) if m.image_size % s == 0]
+    _require(m.image_size % m.sr_scale == 0, "model.sr_scale",
+             f"model.image_size={m.image_size} is not divisible by {m.sr_scale}, so no LR image maps onto it "
+             f"exactly; use model.sr_scale={' or '.join(map(str, fits)) or 2} or change model.image_size")
+    _require(m.image_size // m.sr_scale >= 4, "model.sr_scale",
+             f"x{m.sr_scale} of {m.image_size} px leaves a {m.image_size // m.sr_scale} px LR image (need >= 4 px); "
+             f"use model.sr_scale <= {m.image_size // 4} or a larger model.image_size")
+    _require(m.num_classes == 0, "model.num_classes",
+             "task=sr is conditioned on the LR image, not on a class label; set model.num_classes=0")
+    if ev.every_kimg > 0:
+        _require(set(ev.metrics) <= {"psnr", "ssim"}, "eval.metrics",
+                 f"{ev.metrics}: task=sr scores SR against bicubic by PSNR/SSIM (FID/KID of unconditional "
+                 "samples do not apply); set eval.metrics=[psnr,ssim]")
+    if ev.best_metric is not None:
+        _require(ev.best_metric in ("sr_psnr", "sr_ssim") and ev.best_mode == "max", "eval.best_metric",
+                 f"{ev.best_metric!r} ({ev.best_mode}): task=sr logs sr_psnr and sr_ssim, higher is better; "
+                 "use eval.best_metric=sr_psnr eval.best_mode=max")

@@ -30,6 +30,10 @@ x0_hat = clamp(predict_x0(x_t, G(x_t, t)), -1, 1), scored against x0 for each t 
 fills a hole in the first --task-images reference images; PSNR/SSIM inside the hole (inpaint_psnr,
 inpaint_ssim) next to a mean-of-known-pixels fill (inpaint_baseline_*). See dgan/inpaint.py.
 
+--task sr [--task-images 16] (model.task=sr checkpoints). Super-resolves the area-downsampled first
+--task-images reference images; PSNR/SSIM of SR and of bicubic upsampling against the HR images
+(sr_psnr, sr_ssim, bicubic_psnr, bicubic_ssim). See dgan/superres.py.
+
 Results. <run>/eval/eval-<step>.json, a table on the console, a sample grid
 <run>/eval/samples-<step>.png, and (unless --no-mlflow) the metrics as eval/<key> on the training
 run's MLflow record, at step = the checkpoint's step.
@@ -609,6 +613,10 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
         from dgan.inpaint import run_inpaint_task
 
         result = run_inpaint_task(G, diffusion, cfg, args, device)
+    elif args.task == "sr" or cfg.model.task == "sr":  # an SR checkpoint is only scored against bicubic
+        from dgan.superres import run_sr_task
+
+        result = run_sr_task(G, diffusion, cfg, args, device)
     else:
         result = run_evaluation(G, diffusion, cfg, num_samples=args.num_samples, sampler=args.sampler,
                                 steps=args.steps, seed=args.seed, metrics=chosen, device=device,

@@ -4,6 +4,7 @@ Writes one PNG per image (16-bit where the training data was 16-bit) and a grid,
 EMA generator of a checkpoint. `--class C --guidance W` samples one class with
 classifier-free guidance; `--trajectory` also saves the denoising trajectory as a strip.
 `--inpaint IMAGE --mask PNG` (white = generate) fills a hole RePaint-style instead; see dgan/inpaint.py.
+`--super-resolve LOW.png [--scale 4]` upscales LR images with a model.task=sr checkpoint; see dgan/superres.py.
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def generate(G: torch.nn.Module, diffusion: Diffusion, *, n: int, sampler: str =
              batch_size: int = 256, callback=None) -> torch.Tensor:
     """n images in [-1, 1] on the CPU. Uses its own generator, so the training RNG stream
     (and therefore exact resume) is untouched by sampling."""
+    if getattr(G, "cond_channels", 0):
+        raise ValueError("this generator is conditioned on an LR image (model.task=sr): use "
+                         "dgan.superres.super_resolve, or python -m dgan.sample --super-resolve LOW.png")
     device = next(G.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = G.training
@@ -95,7 +99,8 @@ def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.
     cfg = config_from_dict(payload["metadata"]["config"])
     m = cfg.model
     G = Generator(channels=m.channels, encoder=m.encoder, encoder_weights=None, encoder_depth=m.encoder_depth,
-                  decoder_channels=tuple(m.decoder_channels), num_classes=m.num_classes, norm=m.norm, time_dim=m.time_dim)
+                  decoder_channels=tuple(m.decoder_channels), num_classes=m.num_classes, norm=m.norm, time_dim=m.time_dim,
+                  cond_channels=m.cond_channels)  # task=sr: the upsampled LR is concatenated to x_t
     ema = payload["state"]["ema"]
     weights = {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
     try:
@@ -121,6 +126,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = none)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--trajectory", action="store_true", help="also save the x0-prediction trajectory strip")
+    p.add_argument("--super-resolve", nargs="+", metavar="LOW.png",
+                   help="super-resolve these LR images (model.task=sr checkpoints; see dgan/superres.py)")
+    p.add_argument("--scale", type=int, default=None, help="with --super-resolve: must equal the model's sr_scale")
     p.add_argument("--device", default="auto")
     add_inpaint_args(p, mask_file=True)  # --inpaint IMAGE --mask PNG --mask-type --jump-length --jump-n-sample
     args = p.parse_args(argv)
@@ -141,6 +149,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.label is not None and not 0 <= args.label < max(cfg.model.num_classes, 1):
         print(f"error: --class {args.label} but the model has num_classes={cfg.model.num_classes}", file=sys.stderr)
         return 2
+    if args.super_resolve is not None or cfg.model.task == "sr":  # an SR model cannot sample from noise alone
+        from dgan.superres import super_resolve_cli
+        return super_resolve_cli(args, G, cfg, diffusion, meta)
     if args.inpaint is not None:
         return inpaint_cli(args, G, cfg, diffusion, device)
     out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / f"samples-{args.sampler}{args.steps}")

@@ -25,6 +25,7 @@ from dgan.adaptive import AdaptiveT, diffuse, sample_tau
 from dgan.config import Config
 from dgan.diffusion import Diffusion
 from dgan.losses import d_loss, diffusion_loss, g_adv_loss, r1_penalty
+from dgan.superres import sr_condition
 
 
 @dataclass
@@ -95,6 +96,18 @@ def apply_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, found_i
     del opt.found_inf, opt.grad_scale
 
 
+def with_cond(x: torch.Tensor, cond: torch.Tensor | None, copies: int = 1) -> torch.Tensor:
+    """D's input: the image, plus (task=sr) the upsampled LR channel-wise, once per stacked copy.
+
+    Why a conditional D for SR: an unconditional D only asks "is this a plausible HR image?",
+    so G could satisfy it with sharp detail that contradicts the LR. Seeing the LR next to
+    the image, D also judges whether the two agree (pix2pix-style). The LR is not diffused
+    with tau: it is a clean observation at test time, and noising it would hide the very
+    consistency that D is meant to check.
+    """
+    return x if cond is None else torch.cat([x, cond.repeat(copies, 1, 1, 1)], dim=1)
+
+
 def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.Tensor],
                *, do_r1: bool, sync: bool, loss_scale: float) -> dict[str, torch.Tensor]:
     """Forward/backward for one micro-batch; gradients accumulate in .grad."""
@@ -103,13 +116,17 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     B = x0.shape[0]
     y_g = drop_labels(y, cfg.train.label_dropout) if cfg.model.num_classes > 0 else None
     y_d = y if cfg.model.num_classes > 0 else None
+    # task=sr: the LR is made here from the HR batch, on device. It is a deterministic function
+    # of x0 (no RNG, no host sync), so exact resume holds, and every caller of the step (the
+    # trainer, DDP workers, benchmarks) keeps passing plain (x0, y) micro-batches.
+    cond = sr_condition(x0, cfg.model.sr_scale) if cfg.model.task == "sr" else None
 
     # -- Phase 1: one G forward -> diffusion loss and the fake x0_hat ----------------------
     t = torch.randint(0, tr.diffusion.num_steps, (B,), device=dev)
     eps = torch.randn_like(x0)
     x_t = tr.diffusion.q_sample(x0, t, eps)
     with dist.ddp_sync(tr.G, sync), amp:
-        eps_hat = tr.G(x_t, t, y_g)
+        eps_hat = tr.G(x_t, t, y_g, cond)
     L_diff = diffusion_loss(eps_hat.float(), eps)
     x0_hat = tr.diffusion.predict_x0(x_t, t, eps_hat.float()).clamp(-1, 1)
     keep = (t <= g.adv_t_max).float()  # large-t reconstructions are blurry means, not fakes
@@ -127,7 +144,8 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
         d_in.append(x_r1)
         d_tau.append(torch.zeros_like(tau))
     with dist.ddp_sync(tr.D, sync), amp:
-        logits = tr.D(torch.cat(d_in), torch.cat(d_tau), None if y_d is None else y_d.repeat(len(d_in)))
+        logits = tr.D(with_cond(torch.cat(d_in), cond, len(d_in)), torch.cat(d_tau),
+                      None if y_d is None else y_d.repeat(len(d_in)))
     logits = logits.float()
     real_logits, fake_logits = logits[:B], logits[B:2 * B]
     L_D = d_loss(real_logits, fake_logits, fake_weight=keep)
@@ -146,7 +164,7 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     # be no reducer waiting for them (and no wasted all-reduce).
     tr.D_raw.requires_grad_(False)
     with amp:
-        fake_logits_g = tr.D_raw(y_fake, tau, y_d).float()
+        fake_logits_g = tr.D_raw(with_cond(y_fake, cond), tau, y_d).float()
     L_adv = g_adv_loss(fake_logits_g, weight=keep)
     L_G = L_diff + g.adv_weight * L_adv
     tr.scaler_g.scale(L_G * loss_scale).backward()

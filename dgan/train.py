@@ -28,7 +28,7 @@ from dgan import distributed as dist  # noqa: E402
 from dgan.adaptive import AdaptiveT  # noqa: E402
 from dgan.checkpoint import (CheckpointError, Checkpointer, capture_rng_state, check_compatible,  # noqa: E402
                              load_checkpoint, load_state_dict_strict, resolve_resume, restore_rng_state)
-from dgan.config import Config, ConfigError, load_config, save_config, to_dict  # noqa: E402
+from dgan.config import Config, ConfigError, ModelConfig, load_config, save_config, to_dict  # noqa: E402
 from dgan.data import DataError, build_train_data  # noqa: E402
 from dgan.diffusion import Diffusion  # noqa: E402
 from dgan.ema import EMA  # noqa: E402
@@ -43,7 +43,7 @@ EXIT_INTERRUPTED = 130
 # Architecture keys that must match for a checkpoint's weights to load.
 ARCH_KEYS = ["model.encoder", "model.encoder_depth", "model.decoder_channels", "model.channels",
              "model.num_classes", "model.time_dim", "model.d_channels", "model.d_layers", "model.norm",
-             "diffusion.num_steps"]
+             "model.task", "diffusion.num_steps"]
 PROGRESS_KEYS = ["kimg", "img/s", "L_diff", "L_adv", "L_D", "r_d", "T_adapt"]
 
 
@@ -93,10 +93,11 @@ def build_models(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, to
     G = Generator(channels=m.channels, encoder=m.encoder, encoder_weights=m.encoder_weights,
                   encoder_weights_path=m.encoder_weights_path, encoder_depth=m.encoder_depth,
                   decoder_channels=tuple(m.decoder_channels), num_classes=m.num_classes, norm=m.norm,
-                  time_dim=m.time_dim)
+                  time_dim=m.time_dim, cond_channels=m.cond_channels)
+    # task=sr: D also sees the upsampled LR (see step.with_cond for why)
     D = PatchDiscriminator(channels=m.channels, base_channels=m.d_channels, num_layers=m.d_layers,
                            time_dim=m.time_dim, num_classes=m.num_classes,
-                           num_steps=cfg.diffusion.num_steps)
+                           num_steps=cfg.diffusion.num_steps, in_channels=m.channels + m.cond_channels)
     G, D = G.to(device), D.to(device)
     if m.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
@@ -175,7 +176,9 @@ def save_checkpoint(ckpt: Checkpointer, comps: dict, cfg: Config, run_dir: Path,
 
 def restore_checkpoint(path: Path, comps: dict, cfg: Config, device) -> None:
     payload = load_checkpoint(path, map_location=device)
-    check_compatible(payload["metadata"]["config"], to_dict(cfg), ARCH_KEYS)
+    # A different SR scale is a different task even though the weights would load.
+    keys = ARCH_KEYS + (["model.sr_scale"] if cfg.model.task == "sr" else [])
+    check_compatible(with_task_defaults(payload["metadata"]["config"]), to_dict(cfg), keys)
     state = payload["state"]
     for name, comp in comps.items():
         if isinstance(comp, torch.nn.Module):
@@ -198,6 +201,13 @@ def restore_checkpoint(path: Path, comps: dict, cfg: Config, device) -> None:
         rederive_lr_schedules([comps["sched_g"], comps["sched_d"]], comps["trainer"].images_seen, cfg)
     dist.print0(f"resumed from {path} at step {comps['trainer'].step} "
                 f"({comps['trainer'].images_seen} images seen)")
+
+
+def with_task_defaults(saved: dict) -> dict:
+    """Checkpoints written before model.task existed hold unconditional generators: say so,
+    so that they still resume instead of failing the model.task comparison."""
+    model = {"task": ModelConfig.task, "sr_scale": ModelConfig.sr_scale, **saved.get("model", {})}
+    return {**saved, "model": model}
 
 
 def rederive_lr_schedules(scheds: list, images_seen: int, cfg: Config) -> None:
@@ -332,11 +342,16 @@ def log_interval(window: MetricWindow, tr: Trainables, data, state: TrainState, 
 def write_samples(ema, tr: Trainables, cfg: Config, run_dir: Path, state: TrainState, tracker: Tracker) -> None:
     if not dist.is_main():
         return
-    x = generate(ema.module, tr.diffusion, n=cfg.log.num_samples, sampler="ddim", steps=cfg.log.sample_steps,
-                 seed=cfg.train.seed, channels=cfg.model.channels, image_size=cfg.model.image_size,
-                 num_classes=cfg.model.num_classes)
-    path = save_grid(x, run_dir / "samples" / f"samples-{state.images_seen // 1000:06d}kimg.png")
-    save_grid(x, run_dir / "samples.png")  # the latest grid, at a fixed name
+    nrow = None
+    if cfg.model.task == "sr":  # unconditional samples mean nothing here: show LR | bicubic | SR | HR
+        from dgan.superres import training_preview
+        x, nrow = training_preview(ema.module, tr.diffusion, cfg)
+    else:
+        x = generate(ema.module, tr.diffusion, n=cfg.log.num_samples, sampler="ddim", steps=cfg.log.sample_steps,
+                     seed=cfg.train.seed, channels=cfg.model.channels, image_size=cfg.model.image_size,
+                     num_classes=cfg.model.num_classes)
+    path = save_grid(x, run_dir / "samples" / f"samples-{state.images_seen // 1000:06d}kimg.png", nrow=nrow)
+    save_grid(x, run_dir / "samples.png", nrow=nrow)  # the latest grid, at a fixed name
     tracker.log_artifact(path, "samples")
 
 
@@ -359,10 +374,14 @@ def periodic_eval(cfg: Config, ema: EMA, tr: Trainables, state: TrainState, trac
     from dgan.metrics import MetricError
     ev = cfg.eval
     try:
-        m = evaluate_generator(ema.module, tr.diffusion, cfg, num_samples=ev.num_samples, sampler=ev.sampler,
-                               steps=ev.steps, seed=cfg.train.seed, metrics=list(ev.metrics),
-                               extractor_path=ev.feature_extractor, fid_weights=ev.fid_weights,
-                               reference=ev.reference, device=device)
+        if cfg.model.task == "sr":  # SR vs bicubic PSNR/SSIM on held-out images (dgan.superres)
+            from dgan.superres import periodic_sr_eval
+            m = periodic_sr_eval(ema.module, tr.diffusion, cfg)
+        else:
+            m = evaluate_generator(ema.module, tr.diffusion, cfg, num_samples=ev.num_samples, sampler=ev.sampler,
+                                   steps=ev.steps, seed=cfg.train.seed, metrics=list(ev.metrics),
+                                   extractor_path=ev.feature_extractor, fid_weights=ev.fid_weights,
+                                   reference=ev.reference, device=device)
     except MetricError as e:  # an evaluation problem must not end a run that costs GPU-days
         dist.print0(f"warning: periodic evaluation failed at step {state.step}: {e}")
         return None

@@ -37,6 +37,10 @@ class PatchDiscriminator(nn.Module):
     patch: the mean over the head's 4x4 window of ``<embed(y), phi>``, so the class
     term and the head look at the same features. ``y=None`` or ``y == -1`` (per
     sample) gives no class term.
+
+    ``in_channels`` (default ``channels``) lets a conditional D take more than the image:
+    for super-resolution the step concatenates the upsampled LR image, so D judges
+    whether an HR image fits its LR, not only whether it looks real.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class PatchDiscriminator(nn.Module):
         time_dim: int = 128,
         num_classes: int = 0,
         num_steps: int = 1000,
+        in_channels: int | None = None,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -57,7 +62,7 @@ class PatchDiscriminator(nn.Module):
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         self.film = nn.ModuleList()
-        in_width = channels
+        in_width = channels if in_channels is None else in_channels
         for index, (width, stride) in enumerate(zip(widths, strides)):
             has_norm = index > 0  # pix2pix: no norm on raw pixels
             self.convs.append(nn.Conv2d(in_width, width, 4, stride, 1, bias=not has_norm))
