@@ -315,6 +315,26 @@ def _nearest_multiples(size: int, k: int) -> str:
     return f"{lo} or {hi}"
 
 
+# Samplers start from pure noise, so x_T must hold (almost) no signal: sqrt(alpha_bar_T) <= 0.1.
+MAX_TERMINAL_ALPHA_BAR = 0.01
+
+
+def _require_terminal_noise(d: "DiffusionConfig") -> None:
+    """A linear schedule tuned for T=1000 (beta_end 0.02) keeps alpha_bar_T = 0.36 at T=100: training
+    then never sees pure noise, sampling starts from it, and the samples are grey mush. Fail early."""
+    if d.schedule != "linear" or not 0 < d.beta_start < d.beta_end < 1 or d.num_steps < 2:
+        return  # cosine ends at alpha_bar ~ 0; bad betas get their own message
+    import torch
+
+    from dgan.diffusion import make_betas
+
+    abar_T = float(torch.prod(1.0 - make_betas("linear", d.num_steps, d.beta_start, d.beta_end)))
+    _require(abar_T <= MAX_TERMINAL_ALPHA_BAR, "diffusion.beta_end",
+             f"{d.beta_end} with num_steps={d.num_steps} leaves alpha_bar={abar_T:.3g} at the last step "
+             f"(sampling starts from pure noise, training never reaches it); raise it to about "
+             f"{min(0.999, 20.0 / d.num_steps):.3g} (20/num_steps) or use diffusion.schedule=cosine")
+
+
 def validate(cfg: Config) -> None:
     m, d, g, t = cfg.model, cfg.diffusion, cfg.gan, cfg.train
     k = 2 ** m.encoder_depth
@@ -334,6 +354,8 @@ def validate(cfg: Config) -> None:
     _require(d.num_steps >= 2, "diffusion.num_steps", "must be >= 2")
     _require(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start",
              "need 0 < beta_start < beta_end < 1")
+    if m.task != "sr":  # SR sampling starts from q(upsampled LR, T), so signal left at T is wanted there
+        _require_terminal_noise(d)
     _require(g.adv_weight >= 0, "gan.adv_weight", "must be >= 0 (0 = pure diffusion)")
     _require(0 <= g.adv_t_max < d.num_steps, "gan.adv_t_max", f"must be in [0, {d.num_steps - 1}]")
     _require(0 <= g.t_min <= g.t_max < d.num_steps, "gan.t_max",
@@ -388,6 +410,7 @@ def _validate_eval(ev: EvalConfig, sr: bool = False) -> None:
     if ev.feature_extractor is not None:
         _require(Path(ev.feature_extractor).is_file(), "eval.feature_extractor",
                  f"{ev.feature_extractor} does not exist")
+
 
 def _validate_sr(cfg: Config) -> None:
     """task=sr: the LR grid must tile the HR image exactly, and periodic evaluation must be SR's."""

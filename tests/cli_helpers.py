@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ["model.decoder_channels=[32,16,16,16]", "model.time_dim=32", "model.d_channels=16",
               "train.batch_size=4", "data.num_images=64", "log.num_samples=4", "log.sample_steps=4",
               "train.device=cpu", "log.run_name=r", "train.total_kimg=0.02", "log.progress=false",
-              "diffusion.num_steps=100", "gan.t_max=99", "gan.adv_t_max=40"]
+              "diffusion.num_steps=100", "diffusion.beta_end=0.2", "gan.t_max=99", "gan.adv_t_max=40"]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -92,3 +92,14 @@ def test_cli_reports_config_error_before_starting(tmp_path):
     assert r.returncode == 2
     assert "did you mean 'train.lr_g'" in r.stderr
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_a_schedule_that_leaves_signal_at_T_is_refused_with_the_fix():
+    """beta_end=0.02 is tuned for T=1000; at T=100 alpha_bar_T is 0.36, so training never sees the
+    pure noise that sampling starts from (samples come out grey). The error names the fix."""
+    short = ["diffusion.num_steps=100", "gan.t_max=99", "gan.adv_t_max=40"]
+    with pytest.raises(ConfigError, match=r"diffusion.beta_end: 0.02 with num_steps=100 .* raise it to about 0.2"):
+        load_config(None, short)
+    load_config(None, short + ["diffusion.beta_end=0.2"])  # the suggested value passes
+    load_config(None, short + ["diffusion.schedule=cosine"])  # cosine always ends at ~pure noise
+    load_config(None, [])  # the defaults (T=1000, linear) do

@@ -58,7 +58,7 @@ def test_forward_strip_defaults_and_t_checked_against_the_schedule():
     assert FORWARD_T_VALUES == (0, 50, 100, 200, 400, 600, 800, 999)
     assert x.shape == (2 * len(FORWARD_T_VALUES), 1, 32, 32)
     assert float(x[0].std()) < float(x[7].std())  # t = 999 is close to unit-variance noise
-    short = load_config(None, ["diffusion.num_steps=100", "gan.t_max=99", "gan.adv_t_max=40"])
+    short = load_config(None, ["diffusion.num_steps=100", "diffusion.beta_end=0.2", "gan.t_max=99", "gan.adv_t_max=40"])
     with pytest.raises(ValueError, match="diffusion.num_steps=100"):
         forward_strip(short, n=2, t_values=FORWARD_T_VALUES, split="val", seed=0)
 
