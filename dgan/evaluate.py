@@ -3,7 +3,7 @@
     python -m dgan.evaluate --fid --kid --psnr --ssim [--frd] [--run DIR | --checkpoint PATH]
         [--num-samples N] [--sampler ddim|ddpm|dpmpp2m --steps 50] [--batch-size B] [--seed S]
         [--fid-weights PATH] [--feature-extractor model.pt] [--reference val|train]
-        [--t-values 50,100,250,500] [--root runs] [--no-mlflow]
+        [--t-values 50,100,250,500] [--root runs] [--no-mlflow] [--guidance W] [--per-class]
 
 With no metric flag, FID, KID, PSNR and SSIM are computed; --frd (Fréchet Radiomics Distance,
 dgan.metrics.frd, samples against the reference like FID) is opt-in and needs the `frd` extra:
@@ -125,8 +125,9 @@ def rank_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
 @torch.no_grad()
 def generate_indices(G: torch.nn.Module, diffusion, indices: Sequence[int], *, sampler: str, steps: int,
                      seed: int, channels: int, image_size: int, num_classes: int, batch_size: int,
-                     device: torch.device) -> torch.Tensor:
-    """Samples (float [-1, 1], CPU) for the given indices, in that order, from the EMA generator."""
+                     device: torch.device, guidance: float = 1.0) -> torch.Tensor:
+    """Samples (float [-1, 1], CPU) for the given indices, in that order, from the EMA generator.
+    Conditional models: sample i has label i % num_classes, drawn with classifier-free `guidance`."""
     from dgan.sample import guided_model_fn
 
     shape = (channels, image_size, image_size)
@@ -140,7 +141,7 @@ def generate_indices(G: torch.nn.Module, diffusion, indices: Sequence[int], *, s
             labels = torch.tensor(chunk, device=device) % num_classes if num_classes > 0 else None
             # DDPM draws fresh noise at every step; its stream is seeded by the batch's first index.
             step_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, _TAG_STEP_NOISE, chunk[0]))
-            x = diffusion.sample(guided_model_fn(G, labels, 1.0), sampler, x_T=x_T, steps=steps,
+            x = diffusion.sample(guided_model_fn(G, labels, guidance), sampler, x_T=x_T, steps=steps,
                                  generator=step_gen)
             out.append(x.cpu())
     finally:
@@ -168,15 +169,16 @@ def gather_in_order(indices: Sequence[int], images: torch.Tensor,
 
 
 def generate_distributed(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, sampler: str, steps: int,
-                         seed: int, batch_size: int,
-                         device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                         seed: int, batch_size: int, device: torch.device,
+                         guidance: float = 1.0) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Collective: every rank generates its share; rank 0 gets N uint8 samples (and their ranks)."""
     from dgan.metrics import to_uint8
 
     mine = rank_indices(num_samples, dist.get_rank(), dist.get_world_size())
     x = generate_indices(G, diffusion, mine, sampler=sampler, steps=steps, seed=seed,
                          channels=cfg.model.channels, image_size=cfg.model.image_size,
-                         num_classes=cfg.model.num_classes, batch_size=batch_size, device=device)
+                         num_classes=cfg.model.num_classes, batch_size=batch_size, device=device,
+                         guidance=guidance)
     # uint8 before the gather: a quarter of the bytes, and exactly what FID/KID score.
     return gather_in_order(mine, to_uint8(x), num_samples)
 
@@ -315,9 +317,12 @@ def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, samp
                    metrics: Iterable[str], device: torch.device, extractor_path=None, fid_weights=None,
                    reference: str = "val", batch_size: int = 64, t_values: Sequence[int] = DEFAULT_T_VALUES,
                    recon_images: int = DEFAULT_RECON_IMAGES, reference_images: Optional[int] = None,
-                   cache_dir=None) -> EvalResult:
-    """Collective: call on every rank. Metrics and info are broadcast to all ranks; samples stay on rank 0."""
+                   cache_dir=None, guidance: float = 1.0, per_class: bool = False) -> EvalResult:
+    """Collective: call on every rank. Metrics and info are broadcast to all ranks; samples stay on rank 0.
+    per_class: also FID/KID of each class's samples against that class's reference images."""
     chosen = set(metrics)
+    if per_class and cfg.model.num_classes < 1:
+        raise EvalError("--per-class needs a class-conditional model (model.num_classes > 0); this one has none")
     extractor = check_request(chosen, sampler=sampler, steps=steps, num_samples=num_samples, t_values=t_values,
                               num_steps=diffusion.num_steps, extractor_path=extractor_path, fid_weights=fid_weights)
     want_fid = bool(chosen & {"fid", "kid"})
@@ -337,11 +342,16 @@ def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, samp
     clock = time.perf_counter()
     if chosen & SAMPLE_METRICS:
         samples, ranks = generate_distributed(G, diffusion, cfg, num_samples=num_samples, sampler=sampler,
-                                              steps=steps, seed=seed, batch_size=batch_size, device=device)
+                                              steps=steps, seed=seed, batch_size=batch_size, device=device,
+                                              guidance=guidance)
     info["generation_s"] = round(time.perf_counter() - clock, 3)
     if dist.is_main() and want_fid:
         scores.update(_fid_kid(real, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg, device,
                                batch_size))
+        if per_class:
+            for c in range(cfg.model.num_classes):
+                scores.update(_class_fid_kid(c, real, labels, samples, chosen, extractor_path, fid_weights,
+                                             cache_dir, key, cfg, device, batch_size))
     if dist.is_main() and "frd" in chosen:
         from dgan.metrics import frd, to_uint8
 
@@ -360,6 +370,18 @@ def _fid_kid(real, samples, chosen, extractor_path, fid_weights, cache_dir, key,
                   cache_dir=cache, real_cache_key=key, device=device, batch_size=batch_size,
                   fid="fid" in chosen, kid="kid" in chosen)
     return out
+
+
+def _class_fid_kid(c: int, real, labels, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg,
+                   device, batch_size) -> dict[str, float]:
+    """FID/KID of class c: sample i has label i % K (generate_indices), so class c is samples[c::K]."""
+    real_c, fake_c = real[labels == c], samples[c::cfg.model.num_classes]
+    if real_c.shape[0] < 2 or fake_c.shape[0] < 2:
+        raise EvalError(f"--per-class: class {c} has {real_c.shape[0]} reference image(s) and {fake_c.shape[0]} "
+                        "sample(s); need at least 2 of each (raise --num-samples or --reference-images)")
+    out = _fid_kid(real_c, fake_c, chosen, extractor_path, fid_weights, cache_dir, key and f"{key}_c{c}", cfg,
+                   device, batch_size)
+    return {f"{k}_c{c}": v for k, v in out.items()}
 
 
 def evaluate_generator(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, sampler: str, steps: int, seed: int,
@@ -467,6 +489,7 @@ def build_report(result: EvalResult, args: argparse.Namespace, record: dict, run
         "sampler": args.sampler,
         "steps": diffusion.num_steps if args.sampler == "ddpm" else args.steps,  # DDPM always runs T steps
         "seed": args.seed,
+        "guidance": args.guidance,
         "batch_size": args.batch_size,
         "world_size": result.info["world_size"],
         "reference": result.info.get("reference"),
@@ -572,6 +595,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="sampler steps (ddpm always runs all T)")
     p.add_argument("--batch-size", type=int, default=64, help="per-rank generation batch")
     p.add_argument("--seed", type=_non_negative, default=0)
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance weight for conditional models (1 = none)")
+    p.add_argument("--per-class", action="store_true",
+                   help="also FID/KID per class (keys fid_c<k>, kid_c<k>): class k's samples vs its references")
     p.add_argument("--fid-weights", help="Inception weights file (default: the torch hub cache)")
     p.add_argument("--feature-extractor", help="TorchScript extractor (uint8 NxCxHxW -> NxD) instead of Inception")
     p.add_argument("--reference", default="val", choices=REFERENCES, help="held-out split or the training images")
@@ -623,7 +650,8 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
                                 extractor_path=args.feature_extractor, fid_weights=args.fid_weights,
                                 reference=args.reference, batch_size=args.batch_size, t_values=args.t_values,
                                 recon_images=args.recon_images, reference_images=args.reference_images,
-                                cache_dir=run_dir.parent / ".cache" / "fid")
+                                cache_dir=run_dir.parent / ".cache" / "fid", guidance=args.guidance,
+                                per_class=args.per_class)
     if dist.is_main():
         print_report(write_outputs(result, args, record, run_dir, cfg, diffusion, chosen))
     dist.barrier()  # the other ranks leave only once the results are on disk
