@@ -694,4 +694,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy: dgan.inpaint and dgan.superres raise
+    # dgan.evaluate.EvalError, which `except EvalError` here would otherwise not recognise.
+    from dgan.evaluate import main as _main
+
+    sys.exit(_main())
