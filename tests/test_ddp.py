@@ -71,8 +71,11 @@ def root(tmp_path_factory) -> Path:
 
 
 def test_ranks_stay_identical_and_agree_to_stop(root, tmp_path):
+    # adv_t_max pinned: "r_d != 0" below is a proxy for "the controller ran" that fails when the last
+    # window's 64 patch signs happen to cancel; with the default (100) fakes are rarely kept in
+    # 6 tiny steps, D's real logits hover at 0, and seed 0 lands on exactly that.
     base = TINY + [f"data.cache_dir={root / '.cache'}", "gan.r1_every=2", "gan.ada_interval=2",
-                   "gan.ada_kimg=0.1", "gan.ada_target=0.0"]
+                   "gan.ada_kimg=0.1", "gan.ada_target=0.0", "gan.adv_t_max=400"]
     spec = {"plain": base,
             # accumulation (no_sync), BatchNorm buffers (broadcast per step) and channels_last inputs
             "accum": base + ["train.grad_accum=2", "model.norm=batch", "model.channels_last=true"],
