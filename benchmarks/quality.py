@@ -44,7 +44,7 @@ RUNS = {"hybrid": 0.1, "diffusion": 0.0}  # run name -> gan.adv_weight; everythi
 SAMPLINGS = (("ddim", 10), ("ddim", 50), ("ddpm", 1000))
 PRESETS = {
     # kimg per run; samples per sampler (DDPM runs all 1000 steps, so it gets fewer on a CPU)
-    "cpu": {"kimg": 48, "samples": 1000, "ddpm_samples": 250, "batch": 64},
+    "cpu": {"kimg": 40, "samples": 1000, "ddpm_samples": 200, "batch": 64},
     "gpu": {"kimg": 400, "samples": 2000, "ddpm_samples": 2000, "batch": 128},
     "smoke": {"kimg": 0.5, "samples": 64, "ddpm_samples": 16, "batch": 16},
 }
