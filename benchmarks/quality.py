@@ -180,13 +180,12 @@ def phase_sample(args: argparse.Namespace, out: Path) -> None:
         device = torch.device(cfg.train.device)
         G, _ = build_models(cfg, device)
         G.load_state_dict(torch.load(out / f"{name}.pt", weights_only=True)["ema"])
-        d = cfg.diffusion
-        diffusion = Diffusion(d.num_steps, d.schedule, d.beta_start, d.beta_end, device=device)
+        diffusion = Diffusion.from_config(cfg.diffusion, device=device)
         for sampler, steps in SAMPLINGS:
             n = p["ddpm_samples"] if sampler == "ddpm" else p["samples"]
             clock = time.perf_counter()
             x = generate_indices(G, diffusion, range(n), sampler=sampler, steps=steps, seed=args.seed,
-                                 channels=1, image_size=cfg.model.image_size, num_classes=0,
+                                 channels=cfg.model.channels, image_size=cfg.model.image_size, num_classes=0,
                                  batch_size=500, device=device)
             # float16 here, uint8 when scored: this phase must not need torch-fidelity (the GPU
             # machine lacks it); fp16 keeps ~11 bits, far more than the 8 that are scored.
@@ -208,10 +207,11 @@ def score_set(real: torch.Tensor, fake: torch.Tensor, extractor: Path, frd_sampl
 
 
 def frd_available() -> bool:
+    from dgan.metrics import MetricError, require_frd
+
     try:
-        from dgan.metrics import frd  # noqa: F401 - the helper lands with the frd extra
-        import frd_score  # noqa: F401
-    except ImportError:
+        require_frd()
+    except MetricError:
         return False
     return True
 

@@ -140,7 +140,7 @@ class EvalConfig:
     num_samples: int = 500                    # small: this runs inside training
     sampler: Literal["ddim", "ddpm", "dpmpp2m"] = "ddim"
     steps: int = 50
-    metrics: list[str] = field(default_factory=lambda: ["fid", "kid"])  # fid, kid, psnr, ssim
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid"])  # fid, kid, psnr, ssim, frd
     best_metric: Optional[str] = None         # e.g. "fid": keep checkpoints/ckpt-best.pt by it
     best_mode: Literal["min", "max"] = "min"
     feature_extractor: Optional[str] = None   # TorchScript extractor (see README, Evaluation)
@@ -399,7 +399,7 @@ def _validate_data(dc: DataConfig) -> None:
 
 
 def _validate_eval(ev: EvalConfig, sr: bool = False) -> None:
-    known = ("fid", "kid", "psnr", "ssim")
+    known = ("fid", "kid", "psnr", "ssim", "frd")  # frd needs the `frd` extra (checked by the trainer)
     for name in ev.metrics:
         _require(name in known, "eval.metrics", f"unknown metric {name!r}; use some of {', '.join(known)}")
     _require(ev.every_kimg >= 0 and ev.num_samples >= 2 and ev.steps >= 1, "eval.every_kimg",

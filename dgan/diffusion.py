@@ -74,6 +74,11 @@ class Diffusion:
                 "sqrt_one_minus_alpha_bar", "posterior_variance", "posterior_log_variance",
                 "posterior_mean_coef_x0", "posterior_mean_coef_xt")
 
+    @classmethod
+    def from_config(cls, dc, device: torch.device | str = "cpu") -> "Diffusion":
+        """The process a DiffusionConfig (cfg.diffusion) describes: the one place that maps it."""
+        return cls(dc.num_steps, dc.schedule, dc.beta_start, dc.beta_end, device=device)
+
     def __init__(self, num_steps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, device: torch.device | str = "cpu") -> None:
         self.num_steps = int(num_steps)

@@ -323,6 +323,8 @@ def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, samp
     chosen = set(metrics)
     if per_class and cfg.model.num_classes < 1:
         raise EvalError("--per-class needs a class-conditional model (model.num_classes > 0); this one has none")
+    if per_class and not chosen & {"fid", "kid"}:
+        raise EvalError("--per-class scores FID/KID per class; add --fid and/or --kid")
     extractor = check_request(chosen, sampler=sampler, steps=steps, num_samples=num_samples, t_values=t_values,
                               num_steps=diffusion.num_steps, extractor_path=extractor_path, fid_weights=fid_weights)
     want_fid = bool(chosen & {"fid", "kid"})

@@ -107,8 +107,7 @@ def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.
         G.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint}: EMA weights do not fit the stored config ({str(e).splitlines()[0]})")
-    d = cfg.diffusion
-    diffusion = Diffusion(d.num_steps, d.schedule, d.beta_start, d.beta_end, device=device)
+    diffusion = Diffusion.from_config(cfg.diffusion, device=device)
     return G.to(device).eval(), cfg, diffusion, payload["metadata"]
 
 

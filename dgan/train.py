@@ -137,8 +137,7 @@ def build_trainables(cfg: Config, device: torch.device) -> tuple[Trainables, EMA
     tr = Trainables(G=G_run, D=D_run, opt_g=opt_g, opt_d=opt_d,
                     scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
                     scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
-                    diffusion=Diffusion(cfg.diffusion.num_steps, cfg.diffusion.schedule,
-                                        cfg.diffusion.beta_start, cfg.diffusion.beta_end, device=device),
+                    diffusion=Diffusion.from_config(cfg.diffusion, device=device),
                     ada=AdaptiveT(target=cfg.gan.ada_target, interval=cfg.gan.ada_interval,
                                   ada_kimg=cfg.gan.ada_kimg, t_min=cfg.gan.t_min, t_max=cfg.gan.t_max,
                                   device=device),
@@ -356,7 +355,7 @@ def write_samples(ema, tr: Trainables, cfg: Config, run_dir: Path, state: TrainS
 
 
 def check_eval_ready(cfg: Config) -> None:
-    """Periodic FID/KID with Inception needs its weights file: fail now, not hours into the run."""
+    """Periodic FID/KID with Inception needs its weights file, FRD its extra: fail now, not hours into the run."""
     ev = cfg.eval
     if ev.every_kimg > 0 and ev.feature_extractor is None and {"fid", "kid"} & set(ev.metrics):
         from dgan.metrics import MetricError, resolve_inception_weights  # torch-fidelity: only when used
@@ -364,6 +363,12 @@ def check_eval_ready(cfg: Config) -> None:
             resolve_inception_weights(ev.fid_weights)
         except MetricError as e:
             raise ConfigError(f"eval.every_kimg > 0 needs FID weights: {e}") from None
+    if ev.every_kimg > 0 and "frd" in ev.metrics:
+        from dgan.metrics import MetricError, require_frd
+        try:
+            require_frd()
+        except MetricError as e:
+            raise ConfigError(f"eval.metrics has frd: {e}") from None
 
 
 def periodic_eval(cfg: Config, ema: EMA, tr: Trainables, state: TrainState, tracker: Tracker,

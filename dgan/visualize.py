@@ -65,8 +65,7 @@ def forward_strip(cfg, *, n: int, t_values: Sequence[int], split: str, seed: int
     from dgan.data import build_eval_images
     from dgan.diffusion import Diffusion
 
-    d = cfg.diffusion
-    diffusion = Diffusion(d.num_steps, d.schedule, d.beta_start, d.beta_end)
+    diffusion = Diffusion.from_config(cfg.diffusion)
     bad = [t for t in t_values if not 0 <= t < diffusion.num_steps]
     if bad:
         raise ValueError(f"t values {bad} outside 0..{diffusion.num_steps - 1} (diffusion.num_steps="

@@ -103,3 +103,18 @@ def test_a_schedule_that_leaves_signal_at_T_is_refused_with_the_fix():
     load_config(None, short + ["diffusion.beta_end=0.2"])  # the suggested value passes
     load_config(None, short + ["diffusion.schedule=cosine"])  # cosine always ends at ~pure noise
     load_config(None, [])  # the defaults (T=1000, linear) do
+
+
+def test_periodic_frd_is_a_metric_and_a_missing_extra_stops_before_training(monkeypatch):
+    from dgan import metrics
+    from dgan.train import check_eval_ready
+
+    cfg = load_config(None, ["eval.every_kimg=1", "eval.metrics=[psnr,frd]", "eval.best_metric=frd"])
+    assert cfg.eval.metrics == ["psnr", "frd"]
+
+    def missing():
+        raise metrics.MetricError(f"FRD needs the frd extra: {metrics.FRD_INSTALL}")
+
+    monkeypatch.setattr(metrics, "require_frd", missing)
+    with pytest.raises(ConfigError, match=r"eval.metrics has frd: .*pip install -e \".\[frd\]\""):
+        check_eval_ready(cfg)

@@ -300,3 +300,13 @@ def test_bad_requests_fail_before_any_work(extractor):
         with pytest.raises(EvalError, match=message):
             check_request(metrics, **{**ok, **change})
     assert check_request(["fid"], **{**ok, "sampler": "ddpm", "steps": 1000})["name"] == "torchscript"
+
+
+def test_per_class_without_fid_or_kid_is_a_clear_error():
+    from dgan.config import load_config
+    from dgan.evaluate import EvalError, run_evaluation
+
+    cfg = load_config(None, ["model.num_classes=2"])
+    with pytest.raises(EvalError, match="--per-class scores FID/KID per class; add --fid"):
+        run_evaluation(None, None, cfg, num_samples=4, sampler="ddim", steps=2, seed=0, metrics=["psnr"],
+                       device=torch.device("cpu"), per_class=True)
