@@ -35,6 +35,11 @@ class ModelConfig:
     task: Literal["generate", "sr"] = "generate"  # sr: G conditioned on the bicubic-upsampled LR image
     sr_scale: int = 4                         # task=sr: HR/LR size ratio (model.image_size is the HR size)
     time_dim: int = 128                       # width of the t/tau embedding
+    # true: (t, y) scale and shift after every GroupNorm of the UNet++ (encoder and decoder), not only
+    # one FiLM per encoder stage (models/adanorm.py). Off by default: with v prediction it measured
+    # neutral (PneumoniaMNIST 28 kimg: FID 1.53 on vs 1.37 off; tiny phantoms: 1-2%, benchmarks/RESULTS.md)
+    # and it costs a modulation per norm layer.
+    norm_conditioning: bool = False
     d_channels: int = 32                      # PatchGAN base width (64 costs 4x: D runs 3 passes per step)
     d_layers: int = 3                         # PatchGAN stride-2 layers
     channels_last: bool = False
@@ -52,6 +57,10 @@ class DiffusionConfig:
     schedule: Literal["linear", "cosine"] = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    # What G outputs. v: no 1/sqrt(alpha_bar) amplification of G's error near t = T-1 (see
+    # Diffusion.training_target); eps is the textbook DDPM target, kept for old checkpoints.
+    prediction: Literal["eps", "v"] = "v"
+    min_snr_gamma: float = 0.0                # > 0: min-SNR-gamma loss weights (5 in the paper); 0 = off
 
 
 @dataclass
@@ -71,6 +80,13 @@ class GanConfig:
     t_max: int = 999                          # the last index of a T=1000 schedule (paper: 1000)
     r1_gamma: float = 0.05
     r1_every: int = 16                        # lazy R1: every N D steps, weighted by gamma * N
+    # D-health guard (dgan/dguard.py): at each log interval, a D whose mean L_D exceeds guard_max_loss
+    # or whose mean logits exceed guard_max_logit in size is restored from its last healthy state,
+    # with lr_d x guard_lr_factor. A logistic D at chance has L_D = 1.39.
+    guard: bool = True
+    guard_max_loss: float = 10.0
+    guard_max_logit: float = 50.0
+    guard_lr_factor: float = 0.5
 
 
 @dataclass
@@ -104,6 +120,12 @@ class TrainConfig:
     betas_g: list[float] = field(default_factory=lambda: [0.9, 0.999])  # diffusion-model practice
     betas_d: list[float] = field(default_factory=lambda: [0.5, 0.999])  # GAN practice: short momentum for D
     warmup_kimg: float = 0.5
+    # After warm-up: "cosine" decays the lr to lr_min_ratio x lr at total_kimg; "constant" holds it
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_min_ratio: float = 0.1
+    # the cosine's horizon; null = total_kimg. Pin it to extend a run (total_kimg up, then
+    # --resume) without reshaping the lr curve that the run has followed so far.
+    lr_decay_kimg: Optional[float] = None
     grad_clip_g: float = 1.0
     grad_clip_d: float = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -286,10 +308,26 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     return cfg
 
 
+# What a key meant before it existed. A checkpoint's stored config lacks keys added after it was
+# written; their *current* defaults would rebuild a different model (an eps-predicting G read as
+# a v-predicting one samples garbage), so a missing key takes its old behaviour instead.
+LEGACY_DEFAULTS = {("model", "task"): "generate", ("model", "norm_conditioning"): False,
+                   ("diffusion", "prediction"): "eps", ("train", "lr_schedule"): "constant"}
+
+
+def with_legacy_defaults(saved: dict) -> dict:
+    """A copy of a stored config dict with every key it predates set to its old behaviour."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in saved.items()}
+    for (section, key), value in LEGACY_DEFAULTS.items():
+        out.setdefault(section, {}).setdefault(key, value)
+    return out
+
+
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's metadata)."""
+    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's metadata); keys the dict
+    predates keep their old meaning (LEGACY_DEFAULTS)."""
     cfg = Config()
-    _apply(cfg, data)
+    _apply(cfg, with_legacy_defaults(data))
     validate(cfg)
     return cfg
 
@@ -369,9 +407,16 @@ def validate(cfg: Config) -> None:
     _require(g.ada_interval >= 1 and g.r1_every >= 1, "gan.ada_interval", "ada_interval and r1_every must be >= 1")
     _require(g.ada_kimg > 0 and g.sigma >= 0 and g.r1_gamma >= 0, "gan.ada_kimg",
              "ada_kimg must be > 0; sigma and r1_gamma >= 0")
+    _require(g.guard_max_loss > 1.39 and g.guard_max_logit > 0, "gan.guard_max_loss",
+             "guard_max_loss must exceed a chance-level D's 1.39 (try 10) and guard_max_logit be > 0")
+    _require(0 < g.guard_lr_factor <= 1, "gan.guard_lr_factor", "must be in (0, 1]; 0.5 halves lr_d per event")
     _require(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size", "batch_size and grad_accum must be >= 1")
     _require(t.total_kimg > 0, "train.total_kimg", "must be > 0")
     _require(t.lr_g > 0 and t.lr_d > 0, "train.lr_g", "learning rates must be > 0")
+    _require(t.lr_decay_kimg is None or t.lr_decay_kimg > 0, "train.lr_decay_kimg",
+             "must be > 0, or null to decay over train.total_kimg")
+    _require(0 <= t.lr_min_ratio <= 1, "train.lr_min_ratio", f"{t.lr_min_ratio} is not in [0, 1]; 0.1 decays to a tenth")
+    _require(d.min_snr_gamma >= 0, "diffusion.min_snr_gamma", "must be >= 0 (0 = off, 5 is the paper's value)")
     for name in ("betas_g", "betas_d"):
         b = getattr(t, name)
         _require(len(b) == 2 and all(0 <= v < 1 for v in b), f"train.{name}", "two values in [0, 1)")

@@ -4,7 +4,8 @@ Notation follows Ho et al. 2020: ``alpha_t = 1 - beta_t``, ``alpha_bar_t = prod_
 and ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps``. Timesteps are 0-based,
 ``t in {0..T-1}``; "clean" (alpha_bar = 1) is the implicit state after t = 0.
 
-Samplers take a ``model_fn(x_t, t) -> eps_hat`` and know nothing about the network, so callers
+Samplers take a ``model_fn(x_t, t) -> output`` (eps_hat or v_hat, as ``prediction`` says) and know
+nothing about the network, so callers
 can wrap it (classifier-free guidance, inpainting, EMA weights) without touching this file.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ StepHook = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+PREDICTIONS = ("eps", "v")
 _COSINE_OFFSET = 0.008  # Nichol & Dhariwal's s: keeps beta_0 from being vanishingly small
 _MAX_BETA = 0.999  # the cosine schedule's last beta tends to 1; clip it to keep alpha_t > 0
 
@@ -77,12 +79,17 @@ class Diffusion:
     @classmethod
     def from_config(cls, dc, device: torch.device | str = "cpu") -> "Diffusion":
         """The process a DiffusionConfig (cfg.diffusion) describes: the one place that maps it."""
-        return cls(dc.num_steps, dc.schedule, dc.beta_start, dc.beta_end, device=device)
+        return cls(dc.num_steps, dc.schedule, dc.beta_start, dc.beta_end, device=device,
+                   prediction=dc.prediction)
 
     def __init__(self, num_steps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, device: torch.device | str = "cpu") -> None:
+                 beta_end: float = 0.02, device: torch.device | str = "cpu", prediction: str = "eps") -> None:
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
         self.num_steps = int(num_steps)
         self.schedule = schedule
+        # What the network outputs (see model_x0): "eps" (Ho et al.) or "v" (Salimans & Ho 2022)
+        self.prediction = prediction
         self.device = torch.device(device)
         betas = make_betas(schedule, self.num_steps, beta_start, beta_end)
         alphas = 1.0 - betas
@@ -114,7 +121,7 @@ class Diffusion:
 
     def __repr__(self) -> str:
         return (f"Diffusion(num_steps={self.num_steps}, schedule={self.schedule!r}, "
-                f"device={self.device})")
+                f"prediction={self.prediction!r}, device={self.device})")
 
     # ----------------------------------------------------------------- forward process
 
@@ -141,6 +148,50 @@ class Diffusion:
         """Invert q_sample for the noise given x0."""
         return ((x_t - self._gather(self.sqrt_alpha_bar, t, x_t) * x0)
                 / self._gather(self.sqrt_one_minus_alpha_bar, t, x_t))
+
+    # ----------------------------------------------------------------- the network's output
+    # v = sqrt(abar) eps - sqrt(1 - abar) x0. Why v and not eps: x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
+    # multiplies an eps error by up to 157x near t = T-1 (a linear T=1000 schedule), so a G that is
+    # slightly wrong in fine detail there predicts a +/-1 speckle x0, and DDIM (eta = 0) adds that
+    # speckle step after step (the "noise blob" samples). With v, x0 = sqrt(abar) x_t - sqrt(1-abar) v
+    # and eps = sqrt(1-abar) x_t + sqrt(abar) v: no division anywhere, and near t = 0 x_t itself
+    # carries the image (a full-resolution skip path that the UNet++ decoder lacks). The v loss is
+    # the eps loss / abar, so training sees the high-t errors that the eps loss barely weighs.
+
+    def training_target(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output for (x0, t, eps)."""
+        if self.prediction == "eps":
+            return eps
+        return (self._gather(self.sqrt_alpha_bar, t, x0) * eps
+                - self._gather(self.sqrt_one_minus_alpha_bar, t, x0) * x0)
+
+    def loss_weight(self, t: torch.Tensor, min_snr_gamma: float) -> Optional[torch.Tensor]:
+        """Per-sample weights [B] of min-SNR-gamma (Hang et al. 2023), or None for a plain mean.
+
+        They make the loss an x0 loss weighted by min(SNR, gamma): low-noise steps, whose x0 is
+        nearly given, stop dominating the gradient. Divided by what the target already weighs
+        x0 errors with (SNR for eps, SNR + 1 for v)."""
+        if min_snr_gamma <= 0:
+            return None
+        abar = self.alpha_bar[t.to(self.alpha_bar.device).long()]
+        snr = abar / (1.0 - abar)
+        implied = snr if self.prediction == "eps" else snr + 1.0
+        return (snr.clamp(max=min_snr_gamma) / implied).to(t.device)
+
+    def model_x0(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The data prediction x0_hat implied by the network output `out` at (x_t, t)."""
+        if self.prediction == "eps":
+            return self.predict_x0(x_t, t, out)
+        return (self._gather(self.sqrt_alpha_bar, t, x_t) * x_t
+                - self._gather(self.sqrt_one_minus_alpha_bar, t, x_t) * out)
+
+    def _x0_eps_scalar(self, x: torch.Tensor, out: torch.Tensor, abar: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) from the network output at one shared timestep, with float64 scalar coefficients."""
+        a, s = math.sqrt(abar), math.sqrt(1.0 - abar)
+        if self.prediction == "eps":
+            return (x - s * out) / a, out
+        return a * x - s * out, s * x + a * out
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -174,11 +225,12 @@ class Diffusion:
 
     def _denoise(self, model_fn: ModelFn, x: torch.Tensor, t: int, clip_x0: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the model at timestep t; return (x0_hat, eps_hat), consistent with each other."""
+        """Run the model at timestep t; return (x0_hat, eps_hat), consistent with each other.
+
+        `model_fn` returns the network's raw output, interpreted by self.prediction."""
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        eps = model_fn(x, t_batch)
         abar = self._abar(t)
-        x0 = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
+        x0, eps = self._x0_eps_scalar(x, model_fn(x, t_batch), abar)
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
             # re-derive eps so the DDIM update stays on the line through x_t and the clipped x0

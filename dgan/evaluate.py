@@ -23,7 +23,7 @@ images (--reference train). FID and KID are computed against it with torch-fidel
 (dgan.metrics.fid_kid); reference statistics are cached under <runs root>/.cache/fid.
 
 PSNR/SSIM. One-step reconstructions: x_t = q(x0, t) of held-out images, then
-x0_hat = clamp(predict_x0(x_t, G(x_t, t)), -1, 1), scored against x0 for each t in --t-values
+x0_hat = clamp(model_x0(x_t, G(x_t, t)), -1, 1), scored against x0 for each t in --t-values
 (keys psnr_t<t>, ssim_t<t>).
 
 --task inpaint [--mask-type box|brush --jump-length 10 --jump-n-sample 10 --task-images 16]. RePaint
@@ -243,8 +243,8 @@ def reconstruction_metrics(G: torch.nn.Module, diffusion, x0: torch.Tensor, labe
                 tb = torch.full((xb.shape[0],), int(t), dtype=torch.long, device=device)
                 yb = None if labels is None else labels[start:start + batch_size].to(device)
                 x_t = diffusion.q_sample(xb, tb, eb)
-                eps_hat = guided_model_fn(G, yb, 1.0)(x_t, tb)
-                preds.append(diffusion.predict_x0(x_t, tb, eps_hat).clamp(-1, 1).cpu())
+                out_b = guided_model_fn(G, yb, 1.0)(x_t, tb)
+                preds.append(diffusion.model_x0(x_t, tb, out_b).clamp(-1, 1).cpu())
             scores = psnr_ssim(torch.cat(preds), x0, data_range=2.0)
             out[f"psnr_t{t}"], out[f"ssim_t{t}"] = scores["psnr"], scores["ssim"]
     finally:

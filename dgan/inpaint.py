@@ -202,7 +202,7 @@ def denoise_step(diffusion: Diffusion, model_fn: ModelFn, x: torch.Tensor, t: in
     x0 is predicted and clipped to [-1, 1], then DDPM draws from q_posterior (one-step grid) and DDIM
     moves along the (x0, eps) line with eta-scaled fresh noise."""
     t_batch = _t_batch(t, x)
-    x0 = diffusion.predict_x0(x, t_batch, model_fn(x, t_batch)).clamp(-1.0, 1.0)
+    x0 = diffusion.model_x0(x, t_batch, model_fn(x, t_batch)).clamp(-1.0, 1.0)
     if sampler == "ddpm":
         mean, variance, _ = diffusion.q_posterior(x0, x, t_batch)
         return mean if t_next is None else mean + variance.sqrt() * _noise_like(x, generator)

@@ -13,12 +13,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def diffusion_loss(eps_hat: Tensor, eps: Tensor) -> Tensor:
-    """Mean squared error between predicted and true noise, averaged over all elements."""
-    if eps_hat.shape != eps.shape:
+def diffusion_loss(pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """Mean squared error between G's output and its target (eps or v), averaged over all
+    elements; with ``weight`` [B], each sample's mean is weighted first (min-SNR)."""
+    if pred.shape != target.shape:
         # mse_loss would broadcast mismatched shapes with only a warning.
-        raise ValueError(f"eps_hat {tuple(eps_hat.shape)} and eps {tuple(eps.shape)} differ in shape")
-    return F.mse_loss(eps_hat, eps)
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if weight is None:
+        return F.mse_loss(pred, target)
+    per_sample = (pred - target).pow(2).reshape(pred.shape[0], -1).mean(dim=1)
+    return (weight * per_sample).mean()
 
 
 def _masked_mean(loss_fn: Callable[[Tensor], Tensor], logits: Tensor, weight: Optional[Tensor]) -> Tensor:

@@ -30,8 +30,9 @@ from dgan.models import Generator  # noqa: E402
 
 def guided_model_fn(G: torch.nn.Module, labels: Optional[torch.Tensor], guidance: float,
                     cond: Optional[torch.Tensor] = None) -> Callable:
-    """eps(x_t, t) for the sampler. With labels and guidance != 1, classifier-free guidance:
-    eps_uncond + w * (eps_cond - eps_uncond), both from one batched forward."""
+    """G's output (eps or v) at (x_t, t) for the sampler. With labels and guidance != 1,
+    classifier-free guidance: out_uncond + w * (out_cond - out_uncond), both from one batched
+    forward. At fixed (x_t, t), eps, v and x0 are affine in each other, so guiding v is guiding eps."""
     def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if labels is None or guidance == 1.0:
             return G(x_t, t, labels, cond) if cond is not None else G(x_t, t, labels)
@@ -97,10 +98,7 @@ def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.
     """The EMA generator of a checkpoint, built from the config stored in it."""
     payload = load_checkpoint(checkpoint, map_location="cpu")
     cfg = config_from_dict(payload["metadata"]["config"])
-    m = cfg.model
-    G = Generator(channels=m.channels, encoder=m.encoder, encoder_weights=None, encoder_depth=m.encoder_depth,
-                  decoder_channels=tuple(m.decoder_channels), num_classes=m.num_classes, norm=m.norm, time_dim=m.time_dim,
-                  cond_channels=m.cond_channels)  # task=sr: the upsampled LR is concatenated to x_t
+    G = Generator.from_config(cfg.model, encoder_weights=False)  # the checkpoint's weights replace them
     ema = payload["state"]["ema"]
     weights = {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
     try:

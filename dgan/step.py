@@ -1,6 +1,6 @@
 """One Diffusion-GAN hybrid training step (DESIGN.md, "One training step").
 
-Per micro-batch: ONE generator forward gives eps_hat (the diffusion loss) and, through
+Per micro-batch: ONE generator forward gives G's output (the diffusion loss) and, through
 x0_hat, the fake image. D learns on diffused real vs diffused (detached) fake; G learns from
 L_diff + adv_weight * L_adv with D frozen. Then both optimizers step.
 
@@ -126,9 +126,9 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     eps = torch.randn_like(x0)
     x_t = tr.diffusion.q_sample(x0, t, eps)
     with dist.ddp_sync(tr.G, sync), amp:
-        eps_hat = tr.G(x_t, t, y_g, cond)
-    L_diff = diffusion_loss(eps_hat.float(), eps)
-    x0_hat = tr.diffusion.predict_x0(x_t, t, eps_hat.float()).clamp(-1, 1)
+        out = tr.G(x_t, t, y_g, cond).float()
+    L_diff = diffusion_loss(out, tr.diffusion.training_target(x0, t, eps), tr.diffusion.loss_weight(t, cfg.diffusion.min_snr_gamma))
+    x0_hat = tr.diffusion.model_x0(x_t, t, out).clamp(-1, 1)
     keep = (t <= g.adv_t_max).float()  # large-t reconstructions are blurry means, not fakes
 
     # -- Phase 2: Diffusion-GAN instance noise on real and fake -----------------------------

@@ -363,6 +363,13 @@ class Progress:
             self.console.print(self.status_line(step, shown), markup=False,
                                highlight=False, soft_wrap=True)
 
+    def note(self, text: str) -> None:
+        """An event line (above the live bar on a TTY); printed even when progress is off."""
+        if self.console is not None:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(text, flush=True)
+
     def status_line(self, step: int, metrics: Mapping[str, float] | None) -> str:
         """``step 1200/5000 kimg 38.4 img/s 210.3 L_diff 0.0412 ... eta 0:41:07``."""
         metrics = dict(metrics or {})

@@ -28,10 +28,12 @@ from dgan import distributed as dist  # noqa: E402
 from dgan.adaptive import AdaptiveT  # noqa: E402
 from dgan.checkpoint import (CheckpointError, Checkpointer, capture_rng_state, check_compatible,  # noqa: E402
                              load_checkpoint, load_state_dict_strict, resolve_resume, restore_rng_state)
-from dgan.config import Config, ConfigError, ModelConfig, load_config, save_config, to_dict  # noqa: E402
+from dgan.config import Config, ConfigError, load_config, save_config, to_dict, with_legacy_defaults  # noqa: E402
 from dgan.data import DataError, build_train_data  # noqa: E402
+from dgan.dguard import DHealthGuard  # noqa: E402
 from dgan.diffusion import Diffusion  # noqa: E402
 from dgan.ema import EMA  # noqa: E402
+from dgan.lr_schedule import build_lr_schedule  # noqa: E402
 from dgan.models import Generator, PatchDiscriminator  # noqa: E402
 from dgan.runinfo import git_hash, make_run_dir  # noqa: E402
 from dgan.sample import generate, save_grid  # noqa: E402
@@ -43,8 +45,8 @@ EXIT_INTERRUPTED = 130
 # Architecture keys that must match for a checkpoint's weights to load.
 ARCH_KEYS = ["model.encoder", "model.encoder_depth", "model.decoder_channels", "model.channels",
              "model.num_classes", "model.time_dim", "model.d_channels", "model.d_layers", "model.norm",
-             "model.task", "diffusion.num_steps"]
-PROGRESS_KEYS = ["kimg", "img/s", "L_diff", "L_adv", "L_D", "r_d", "T_adapt"]
+             "model.task", "model.norm_conditioning", "diffusion.num_steps", "diffusion.prediction"]
+PROGRESS_KEYS = ["kimg", "img/s", "L_diff", "L_adv", "L_D", "r_d", "T_adapt", "d_guard/events"]
 
 
 @dataclass
@@ -90,10 +92,7 @@ def build_data(cfg: Config):
 
 def build_models(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     m = cfg.model
-    G = Generator(channels=m.channels, encoder=m.encoder, encoder_weights=m.encoder_weights,
-                  encoder_weights_path=m.encoder_weights_path, encoder_depth=m.encoder_depth,
-                  decoder_channels=tuple(m.decoder_channels), num_classes=m.num_classes, norm=m.norm,
-                  time_dim=m.time_dim, cond_channels=m.cond_channels)
+    G = Generator.from_config(m)
     # task=sr: D also sees the upsampled LR (see step.with_cond for why)
     D = PatchDiscriminator(channels=m.channels, base_channels=m.d_channels, num_layers=m.d_layers,
                            time_dim=m.time_dim, num_classes=m.num_classes,
@@ -107,11 +106,6 @@ def build_models(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, to
 def build_optimizer(params, lr: float, betas: list[float]) -> torch.optim.Adam:
     # fused: one kernel per step, and it honours an on-device found_inf (see step.apply_step)
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=True)
-
-
-def build_lr_schedule(opt: torch.optim.Optimizer, cfg: Config, global_batch: int):
-    warmup_steps = max(1, round(cfg.train.warmup_kimg * 1000 / global_batch))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps))
 
 
 def global_batch_size(cfg: Config) -> int:
@@ -146,11 +140,15 @@ def build_trainables(cfg: Config, device: torch.device) -> tuple[Trainables, EMA
     return tr, ema, scheds
 
 
-def build_components(tr: Trainables, ema: EMA, scheds: list, state: TrainState) -> dict:
+def build_components(tr: Trainables, ema: EMA, scheds: list, state: TrainState,
+                     guard: Optional[DHealthGuard] = None) -> dict:
     """Everything with a state_dict that a checkpoint must hold (DESIGN.md state contract)."""
-    return {"G": tr.G_raw, "D": tr.D_raw, "ema": ema, "opt_g": tr.opt_g, "opt_d": tr.opt_d,
-            "scaler_g": tr.scaler_g, "scaler_d": tr.scaler_d, "ada": tr.ada,
-            "sched_g": scheds[0], "sched_d": scheds[1], "trainer": state}
+    comps = {"G": tr.G_raw, "D": tr.D_raw, "ema": ema, "opt_g": tr.opt_g, "opt_d": tr.opt_d,
+             "scaler_g": tr.scaler_g, "scaler_d": tr.scaler_d, "ada": tr.ada,
+             "sched_g": scheds[0], "sched_d": scheds[1], "trainer": state}
+    if guard is not None:
+        comps["guard"] = guard
+    return comps
 
 
 # ----------------------------------------------------------------------------------------
@@ -177,9 +175,11 @@ def restore_checkpoint(path: Path, comps: dict, cfg: Config, device) -> None:
     payload = load_checkpoint(path, map_location=device)
     # A different SR scale is a different task even though the weights would load.
     keys = ARCH_KEYS + (["model.sr_scale"] if cfg.model.task == "sr" else [])
-    check_compatible(with_task_defaults(payload["metadata"]["config"]), to_dict(cfg), keys)
+    check_compatible(with_legacy_defaults(payload["metadata"]["config"]), to_dict(cfg), keys)
     state = payload["state"]
     for name, comp in comps.items():
+        if name == "guard" and name not in state:
+            continue  # written before the guard existed: it starts afresh (it holds no model state)
         if isinstance(comp, torch.nn.Module):
             load_state_dict_strict(comp, state[name], name, path)
         else:
@@ -200,13 +200,6 @@ def restore_checkpoint(path: Path, comps: dict, cfg: Config, device) -> None:
         rederive_lr_schedules([comps["sched_g"], comps["sched_d"]], comps["trainer"].images_seen, cfg)
     dist.print0(f"resumed from {path} at step {comps['trainer'].step} "
                 f"({comps['trainer'].images_seen} images seen)")
-
-
-def with_task_defaults(saved: dict) -> dict:
-    """Checkpoints written before model.task existed hold unconditional generators: say so,
-    so that they still resume instead of failing the model.task comparison."""
-    model = {"task": ModelConfig.task, "sr_scale": ModelConfig.sr_scale, **saved.get("model", {})}
-    return {**saved, "model": model}
 
 
 def rederive_lr_schedules(scheds: list, images_seen: int, cfg: Config) -> None:
@@ -320,14 +313,18 @@ def crossed(images_before: int, images_after: int, every_kimg: float) -> bool:
 
 
 def log_interval(window: MetricWindow, tr: Trainables, data, state: TrainState, clock: dict,
-                 tracker: Tracker, progress: Progress, device: torch.device) -> dict[str, float]:
+                 tracker: Tracker, progress: Progress, device: torch.device, guard: DHealthGuard) -> dict[str, float]:
     m = window.reduce()
+    event = guard.check(m, state.step)  # acts on this interval's reduced numbers: the same on all ranks
+    if event and dist.is_main():
+        progress.note(event)
     now = time.perf_counter()
     imgs = state.images_seen - clock["images"]
     m.update({"kimg": state.images_seen / 1000, "img/s": imgs / max(now - clock["time"], 1e-9),
               "sec/kimg": (now - clock["time"]) / max(imgs / 1000, 1e-9),
               "r_d": float(tr.ada.r_d), "T_adapt": float(tr.ada.t_adapt), "ada_p": float(tr.ada.p),
-              "lr_g": tr.opt_g.param_groups[0]["lr"], "skip_streak": float(tr.skip_streak)})
+              "lr_g": tr.opt_g.param_groups[0]["lr"], "lr_d": tr.opt_d.param_groups[0]["lr"],
+              "skip_streak": float(tr.skip_streak), "d_guard/events": float(guard.events)})
     skipped = torch.tensor(float(sum(data.skipped().values())))
     m["data/skipped"] = float(dist.all_reduce_sum(skipped.to(device)))
     if device.type == "cuda":
@@ -405,7 +402,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
     data = build_data(cfg)
     tr, ema, scheds = build_trainables(cfg, device)
     state = TrainState()
-    comps = build_components(tr, ema, scheds, state)
+    guard = DHealthGuard(cfg.gan, tr, scheds[1])
+    comps = build_components(tr, ema, scheds, state, guard)
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=cfg.train.keep_last,
                         best_metric=cfg.eval.best_metric, best_mode=cfg.eval.best_mode)
     resume = resolve_resume(cfg.train.resume, ckpt.ckpt_dir)
@@ -435,7 +433,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
             last = state.step == total_steps
             # -- Phase 4: log once per interval (the only host sync) ----------------------
             if state.step % cfg.log.every_steps == 0 or last:
-                m = log_interval(window, tr, data, state, clock, tracker, progress, device)
+                m = log_interval(window, tr, data, state, clock, tracker, progress, device, guard)
                 if m["skip_streak"] >= cfg.train.max_skipped_steps:  # reduced: the same on all ranks
                     save_checkpoint(ckpt, comps, cfg, run_dir, device)
                     raise FloatingPointError(

@@ -374,3 +374,63 @@ def test_step_hook_gets_next_timesteps_and_can_paste_known_pixels(linear, sample
     assert seen_t == linear.timesteps_for(steps).tolist()[1:] + [None]
     assert torch.equal(out[mask], known[mask])
     assert not torch.equal(out[~mask], known[~mask])
+
+
+# ------------------------------------------------------------------------- v-prediction
+
+def _v_oracle(diff: Diffusion, x0: torch.Tensor):
+    """The exact v for the current x_t: v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+    return lambda x_t, t: diff.training_target(x0, t, diff.predict_eps(x_t, t, x0))
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 50), ("dpmpp2m", 20), ("ddpm", 0)])
+def test_v_prediction_samplers_recover_x0_with_oracle(sampler, steps, image_x0):
+    diff = Diffusion(prediction="v")
+    out = diff.sample(_v_oracle(diff, image_x0), sampler, image_x0.shape, steps=steps,
+                      generator=torch.Generator().manual_seed(0))
+    assert (out - image_x0).abs().max().item() < ORACLE_ATOL
+
+
+def test_v_target_and_model_x0_invert_each_other():
+    diff = Diffusion(prediction="v")
+    gen = torch.Generator().manual_seed(7)
+    x0, eps = torch.rand(6, 1, 4, 4, generator=gen) * 2 - 1, torch.randn(6, 1, 4, 4, generator=gen)
+    t = torch.tensor([0, 10, 300, 700, 990, 999])
+    x_t = diff.q_sample(x0, t, eps)
+    v = diff.training_target(x0, t, eps)
+    torch.testing.assert_close(diff.model_x0(x_t, t, v), x0, atol=1e-5, rtol=0)
+    # at t = T-1 the signal is almost gone, so v is almost -x0: the output's error reaches x0
+    # unamplified (eps prediction would multiply it by 1/sqrt(abar) = 157)
+    err = 0.03
+    x0_err = (diff.model_x0(x_t, t, v + err) - x0).abs()[-1].max().item()
+    assert x0_err <= err + 1e-5
+
+
+def test_v_loss_sees_high_t_errors_that_the_eps_loss_hides():
+    """The same x0 error costs 1/abar more under v at high t than under eps (up to ~25000x)."""
+    v, e = Diffusion(prediction="v"), Diffusion(prediction="eps")
+    t = torch.tensor([999])
+    abar = float(e.alpha_bar[999])
+    x0, eps, dx0 = torch.zeros(1, 1, 2, 2), torch.randn(1, 1, 2, 2), 0.1
+    x_t = e.q_sample(x0, t, eps)
+    # outputs whose implied x0 is off by dx0, for each parametrisation
+    v_out = v.training_target(x0 + dx0, t, v.predict_eps(x_t, t, x0 + dx0))
+    eps_out = e.predict_eps(x_t, t, x0 + dx0)
+    loss_v = (v_out - v.training_target(x0, t, eps)).pow(2).mean().item()
+    loss_eps = (eps_out - eps).pow(2).mean().item()
+    assert loss_v / loss_eps == pytest.approx(1.0 / abar, rel=1e-2)
+
+
+def test_min_snr_weights():
+    v, e = Diffusion(prediction="v"), Diffusion(prediction="eps")
+    t = torch.tensor([0, 500, 999])
+    snr = (e.alpha_bar / (1 - e.alpha_bar))[t]
+    assert v.loss_weight(t, 0.0) is None
+    torch.testing.assert_close(v.loss_weight(t, 5.0), snr.clamp(max=5.0) / (snr + 1))
+    torch.testing.assert_close(e.loss_weight(t, 5.0), snr.clamp(max=5.0) / snr)
+    assert v.loss_weight(t, 5.0)[0] < 0.01 and e.loss_weight(t, 5.0)[-1] == pytest.approx(1.0)
+
+
+def test_unknown_prediction_is_refused():
+    with pytest.raises(ValueError, match="prediction"):
+        Diffusion(prediction="x0")

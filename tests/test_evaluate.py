@@ -222,7 +222,8 @@ def test_gather_refuses_duplicates_and_gaps():
 
 
 class _Oracle(torch.nn.Module):
-    """Predicts the exact noise of x_t for known x0: the one-step reconstruction is then perfect."""
+    """Predicts the exact target (eps or v, as the diffusion says) of x_t for known x0: the one-step
+    reconstruction is then perfect."""
 
     def __init__(self, x0: torch.Tensor, diffusion) -> None:
         super().__init__()
@@ -230,7 +231,7 @@ class _Oracle(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x_t, t, y=None):
-        return self.diffusion.predict_eps(x_t, t, self.x0)
+        return self.diffusion.training_target(self.x0, t, self.diffusion.predict_eps(x_t, t, self.x0))
 
 
 def test_reconstruction_metrics_score_an_oracle_as_perfect(loaded):

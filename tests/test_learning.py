@@ -1,7 +1,8 @@
 """The model learns (issue 2, part 9): real G and D, the real hybrid step, tiny phantom data.
 
-Runs the training step exactly as dgan.train does (build_trainables + train_step + EMA), but
-in-process, so the loss can be read every step without the trainer's once-per-interval sync.
+Runs the training step exactly as dgan.train does (build_trainables + take_step: the hybrid step,
+lr schedule, EMA and adaptive T), but in-process, so the loss can be read every step without the
+trainer's once-per-interval sync.
 """
 import numpy as np
 import pytest
@@ -11,8 +12,7 @@ from scipy.stats import wasserstein_distance
 from dgan.config import load_config
 from dgan.data import build_train_data
 from dgan.sample import generate
-from dgan.step import train_step
-from dgan.train import build_trainables, seed_everything
+from dgan.train import TrainState, build_trainables, seed_everything, take_step
 
 STEPS = 160
 
@@ -29,16 +29,12 @@ def trained(tmp_path_factory):
     data = build_train_data(cfg.data, image_size=32, channels=1, batch_size=16, seed=0, rank=0, world_size=1)
     tr, ema, scheds = build_trainables(cfg, torch.device("cpu"))
     untrained = generate(ema.module, tr.diffusion, n=64, steps=20, seed=1, channels=1, image_size=32)
-    losses, step = [], 0
-    while step < STEPS:
-        for x, y in data.epoch(step // data.batches_per_epoch):
-            m = train_step(tr, cfg, [(x, y)], step)
-            for s in scheds:
-                s.step()
-            step += 1
-            ema.update(tr.G_raw, images_seen=step * 16, batch_images=16)
+    losses, state = [], TrainState()
+    while state.step < STEPS:
+        for x, y in data.epoch(state.step // data.batches_per_epoch):
+            m = take_step(tr, ema, scheds, state, cfg, [(x, y)])
             losses.append(float(m["L_diff"]))  # test-only host read
-            if step == STEPS:
+            if state.step == STEPS:
                 break
     real = torch.cat([x for x, _ in data.epoch(0)])[:256]
     trained_samples = generate(ema.module, tr.diffusion, n=64, steps=20, seed=1, channels=1, image_size=32)

@@ -283,3 +283,56 @@ def test_discriminator_gradients_reach_every_parameter() -> None:
 def test_discriminator_has_no_batchnorm() -> None:
     d = PatchDiscriminator(num_classes=2)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in d.modules())
+
+
+# ---------------------------------------------------------------- norm conditioning (issue 10)
+
+
+def test_norm_conditioning_is_zero_init_and_reaches_every_norm() -> None:
+    from dgan.models.adanorm import AdaGroupNorm
+
+    torch.manual_seed(0)
+    g = small_generator(num_classes=2, norm_conditioning=True).eval()
+    plain = small_generator(num_classes=2).eval()
+    plain.load_state_dict({k: v for k, v in g.state_dict().items() if not k.startswith("norm_proj")})
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([10, 900]), torch.tensor([0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(g(x, t, y), plain(x, t, y))  # zero init: the plain G exactly
+    norms = [m for m in g.unet.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(isinstance(m, AdaGroupNorm) for m in norms)  # encoder and decoder
+    assert {id(m.cond) for m in norms} == {id(g.norm_condition)}
+    assert g.norm_condition.mod is None  # nothing stale after a forward
+    # the zero-init projection learns, then t and y change every block
+    g.train()
+    _g_loss(g).backward()
+    assert all(_nonzero_grad(p) for p in g.norm_proj.parameters())
+    perturb(g.norm_proj)
+    g.eval()
+    with torch.no_grad():
+        decoder_in = {}
+        hook = g.unet.decoder.register_forward_pre_hook(lambda m, a: decoder_in.setdefault("f", a[0]))
+        g(x[:1].repeat(2, 1, 1, 1), t, y)
+        hook.remove()
+    deepest = decoder_in["f"][-1]
+    assert (deepest[0] - deepest[1]).abs().max() > 1e-4  # the encoder already depends on t
+
+
+def test_group_count_keeps_four_channels_per_group() -> None:
+    from dgan.models.adanorm import num_groups
+
+    assert [num_groups(c) for c in (8, 16, 32, 64, 128, 512, 6)] == [2, 4, 8, 16, 32, 32, 1]
+
+
+def test_generator_from_config_and_legacy_checkpoint_configs() -> None:
+    from dgan.config import config_from_dict, load_config, to_dict
+
+    cfg = load_config(None, ["model.decoder_channels=[32,16,16,8]", "model.time_dim=32",
+                             "model.norm_conditioning=true"])
+    assert cfg.diffusion.prediction == "v" and cfg.train.lr_schedule == "cosine"
+    assert Generator.from_config(cfg.model).norm_proj is not None
+    old = to_dict(cfg)  # a checkpoint config written before these keys existed
+    del old["model"]["norm_conditioning"], old["diffusion"]["prediction"], old["train"]["lr_schedule"]
+    legacy = config_from_dict(old)
+    assert (legacy.model.norm_conditioning, legacy.diffusion.prediction, legacy.train.lr_schedule) == \
+        (False, "eps", "constant")
+    assert Generator.from_config(legacy.model).norm_proj is None

@@ -37,7 +37,8 @@ def test_adv_weight_zero_gives_pure_diffusion_gradients(tiny_overrides):
     torch.manual_seed(5)  # the same t and eps as the hybrid step drew first
     t = torch.randint(0, tr.diffusion.num_steps, (4,))
     eps = torch.randn_like(x0)
-    diffusion_loss(tr.G(tr.diffusion.q_sample(x0, t, eps), t), eps).backward()
+    target = tr.diffusion.training_target(x0, t, eps)  # v by default
+    diffusion_loss(tr.G(tr.diffusion.q_sample(x0, t, eps), t), target).backward()
     pure = grads(tr.G_raw)
     assert hybrid.keys() == pure.keys() and len(pure) > 10
     for k in pure:

@@ -1,9 +1,8 @@
-"""Noise predictor G: a UNet++ whose encoder features are FiLM-modulated by (t, y)."""
+"""G: a UNet++ that predicts eps or v, conditioned on (t, y) by FiLM and optionally by every GroupNorm."""
 
 from __future__ import annotations
 
 import inspect
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +10,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import Tensor, nn
 
+from dgan.models.adanorm import NormCondition, batchnorm_to_groupnorm, num_groups
 from dgan.models.embeddings import ClassEmbedding, TimeEmbedding
 
 
@@ -141,34 +141,6 @@ def _freeze_unused_params(encoder: nn.Module, size_px: int) -> list[str]:
     return unused
 
 
-def batchnorm_to_groupnorm(module: nn.Module, max_groups: int = 32) -> int:
-    """Replace every BatchNorm2d below `module` by a GroupNorm with the same affine params.
-
-    Why: smp's encoders and decoder use BatchNorm, which is a poor fit for a noise predictor.
-    - Its output depends on the rest of the batch, whose samples sit at unrelated noise levels.
-    - Running statistics differ per DDP rank, and train mode behaves differently from eval mode.
-    - A non-finite batch poisons the running stats for good, even when the optimizer skips the
-      step (they are buffers, not parameters).
-    GroupNorm is per-sample and has no buffers. Pretrained affine weights carry over; the
-    running statistics are dropped, and fine-tuning adapts to that.
-    Returns the number of layers replaced.
-    """
-    count = 0
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            c = child.num_features
-            gn = nn.GroupNorm(math.gcd(max_groups, c), c, eps=child.eps, affine=True)
-            if child.affine:
-                with torch.no_grad():
-                    gn.weight.copy_(child.weight)
-                    gn.bias.copy_(child.bias)
-            setattr(module, name, gn)
-            count += 1
-        else:
-            count += batchnorm_to_groupnorm(child, max_groups)
-    return count
-
-
 class FullResRefine(nn.Module):
     """A full-resolution path from the input to the output, conditioned on t.
 
@@ -183,7 +155,7 @@ class FullResRefine(nn.Module):
                  width: int = 32) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(decoder_channels + in_channels, width, 3, padding=1)
-        self.norm = nn.GroupNorm(math.gcd(8, width), width)
+        self.norm = nn.GroupNorm(num_groups(width), width)
         self.film = nn.Linear(time_dim, 2 * width)
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
@@ -196,11 +168,15 @@ class FullResRefine(nn.Module):
 
 
 class Generator(nn.Module):
-    """``eps_hat = G(x_t, t[, y][, cond])`` built on a segmentation_models_pytorch UNet++.
+    """``out = G(x_t, t[, y][, cond])`` (eps or v) built on a segmentation_models_pytorch UNet++.
 
-    FiLM placement: one zero-initialised ``Linear(time_dim -> 2C)`` per encoder
-    feature map that the decoder consumes (stages 1..encoder_depth). Stage 0 is
-    the raw input, which smp's UNet++ decoder discards, so it gets no FiLM.
+    Conditioning on (t, y):
+    - ``norm_conditioning`` (the default): every GroupNorm of the UNet++, encoder and decoder,
+      is an AdaGroupNorm whose scale and shift come from one zero-initialised
+      ``Linear(time_dim -> sum 2C)`` (see models/adanorm.py), so every block knows t.
+    - always: one zero-initialised FiLM ``Linear(time_dim -> 2C)`` per encoder feature map
+      that the decoder consumes (stages 1..encoder_depth). Stage 0 is the raw input, which
+      smp's UNet++ decoder discards, so it gets no FiLM.
 
     Encoder weights: ``encoder_weights="imagenet"`` downloads through the Hugging
     Face hub and raises :class:`EncoderWeightsError` when that is impossible.
@@ -222,10 +198,13 @@ class Generator(nn.Module):
         time_dim: int = 128,
         cond_channels: int = 0,
         norm: str = "group",
+        norm_conditioning: bool = False,
     ) -> None:
         super().__init__()
         if norm not in ("group", "batch"):
             raise ValueError(f"norm={norm!r}: use 'group' (default) or 'batch'")
+        if norm_conditioning and norm != "group":
+            raise ValueError("norm_conditioning modulates GroupNorm layers: it needs norm='group'")
         if encoder_weights_path is not None:
             # The local file is how offline clusters get e.g. ImageNet weights, so
             # it wins; encoder_weights then only names what the file holds.
@@ -238,18 +217,36 @@ class Generator(nn.Module):
             encoder, encoder_weights, encoder_depth, decoder_channels,
             in_channels=channels + cond_channels, out_channels=channels,
         )
+        self.norm_condition = NormCondition() if norm_conditioning else None
         if norm == "group":
-            batchnorm_to_groupnorm(self.unet)
+            batchnorm_to_groupnorm(self.unet, self.norm_condition)
         if encoder_weights_path is not None:
             load_encoder_weights(self.unet.encoder, encoder_weights_path, encoder)
         self.frozen_encoder_params = _freeze_unused_params(self.unet.encoder, self.image_multiple)
         self.time_embed = TimeEmbedding(time_dim)
         self.class_embed = ClassEmbedding(num_classes, time_dim) if num_classes > 0 else None
         self.film = self._build_film(self.unet.encoder.out_channels, time_dim)
+        self.norm_proj = None
+        if self.norm_condition is not None:
+            # zero init: at init every AdaGroupNorm is its plain GroupNorm
+            self.norm_proj = nn.Linear(time_dim, self.norm_condition.width)
+            nn.init.zeros_(self.norm_proj.weight)
+            nn.init.zeros_(self.norm_proj.bias)
         self.refine = FullResRefine(decoder_channels[-1], channels + cond_channels, channels, time_dim)
         # smp < 0.5 decoders take the features as *args, 0.5+ as one list
         params = inspect.signature(self.unet.decoder.forward).parameters.values()
         self._decoder_takes_varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+
+    @classmethod
+    def from_config(cls, m, encoder_weights: bool = True) -> "Generator":
+        """The G a ModelConfig (cfg.model) describes: the one place that maps it. encoder_weights=False
+        skips pretrained weights (a checkpoint's state dict will replace them anyway)."""
+        return cls(channels=m.channels, encoder=m.encoder,
+                   encoder_weights=m.encoder_weights if encoder_weights else None,
+                   encoder_weights_path=m.encoder_weights_path if encoder_weights else None,
+                   encoder_depth=m.encoder_depth, decoder_channels=tuple(m.decoder_channels),
+                   num_classes=m.num_classes, time_dim=m.time_dim, cond_channels=m.cond_channels,
+                   norm=m.norm, norm_conditioning=m.norm_conditioning)
 
     @staticmethod
     def _build_film(stage_channels: Sequence[int], time_dim: int) -> nn.ModuleDict:
@@ -305,6 +302,15 @@ class Generator(nn.Module):
         # SiLU first: the embedding ends in a Linear, and FiLM of a purely
         # linear function of the embedding would waste the MLP's capacity
         act = nn.functional.silu(self.embed(t, y))
+        if self.norm_proj is None:
+            return self._unet_forward(x_t, act)
+        self.norm_condition.mod = self.norm_proj(act)
+        try:
+            return self._unet_forward(x_t, act)
+        finally:
+            self.norm_condition.mod = None  # no stale batch outside this forward
+
+    def _unet_forward(self, x_t: Tensor, act: Tensor) -> Tensor:
         features = list(self.unet.encoder(x_t))
         for key, layer in self.film.items():
             stage = int(key)
