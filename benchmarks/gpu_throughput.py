@@ -61,8 +61,8 @@ def run_variant(name: str, batch: int, steps: int, warmup: int) -> dict:
         t = torch.randint(0, 1000, (batch,), device=dev)
         eps = torch.randn_like(x0)
         with autocast_for(cfg.train.precision, dev):
-            eps_hat = tr.G(tr.diffusion.q_sample(x0, t, eps), t)
-        diffusion_loss(eps_hat.float(), eps).backward()
+            out = tr.G(tr.diffusion.q_sample(x0, t, eps), t)
+        diffusion_loss(out.float(), tr.diffusion.training_target(x0, t, eps)).backward()
         torch.nn.utils.clip_grad_norm_(tr.G_raw.parameters(), 1.0, foreach=True)
         tr.opt_g.step()
 

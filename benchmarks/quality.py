@@ -1,28 +1,37 @@
-"""Is the adversarial term worth it? The hybrid (gan.adv_weight=0.1) against pure diffusion
-(gan.adv_weight=0) on the shared PneumoniaMNIST at 32 px: same generator, seed and image budget.
+"""Sample quality on held-out PneumoniaMNIST at 32 px: dgan's hybrid, dgan's pure diffusion
+(gan.adv_weight=0) and a plain diffusers DDPM (the peer), each trained for the same wall-clock
+budget on the same data and machine, one after another, and scored in one feature space.
 
-    python benchmarks/quality.py                      # CPU preset, about an hour on 2 cores
-    python benchmarks/quality.py --preset gpu         # on a GPU: longer training, more samples
-    python benchmarks/quality.py --phase train --preset gpu --device cuda   # one phase at a time
-    python benchmarks/quality.py --set gan.adv_t_max=200 --set gan.sigma=0.1 --out runs/quality-try
+    python benchmarks/quality.py                      # CPU preset: 15 min per arm on 2 cores
+    python benchmarks/quality.py --arms hybrid,diffusion --seed 3 --minutes 6
+    python benchmarks/quality.py --arms base,v --arm "base:diffusion.prediction=eps" --arm v: --minutes 4
+    python benchmarks/quality.py --preset gpu --device cuda   # a fixed 400 kimg per dgan arm
+
+Arms: `hybrid`, `diffusion` and `peer` are built in; `--arm "NAME:key=value key=value"` adds a dgan
+arm with its own config overrides (an ablation), and `--set` applies to every dgan arm.
 
 Phases (each reads what the previous wrote under --out, so they can run on different machines):
   prepare  hold out --holdout images of the npz *train* split as the reference set (the val/test
            splits have another label mix, see DESIGN.md), preprocess both parts to 32 px, save
            data.pt; train the domain feature extractor on the training part's pneumonia labels.
-  train    train each run in-process with the trainer's own build_trainables/take_step on the
-           training part held in memory (no augmentation, the configs' default), runs in parallel
-           processes; save each run's EMA generator.
-  sample   DDIM 10, DDIM 50 and DDPM 1000 samples from each EMA generator, seeded per sample
-           (dgan.evaluate's generation), as uint8.
-  score    FID and KID in the domain extractor's feature space, and FRD when the `frd` extra is
-           installed, against the held-out reference; also real-vs-real floors. Writes results.json
-           and prints the Markdown table for benchmarks/RESULTS.md.
+  train    each arm in its own process, one after another, with the machine to itself. With a
+           time budget, a few timed steps first plan the run's length, so the lr schedule knows its
+           horizon; the run then stops at that step count or at the budget, whichever comes first.
+           dgan arms use the trainer's own build_trainables/take_step/DHealthGuard on the training
+           part held in memory; the peer is benchmarks/peer_ddpm.py. Saves each arm's EMA weights.
+  sample   DDIM 10 and 50 (and DDPM 1000 with --ddpm) from each arm's EMA weights, from the same
+           per-sample seeded noise for every arm, as float16; a grid of the first 64 per arm.
+  score    FID and KID in the domain extractor's feature space, FRD when the `frd` extra is
+           installed, and the blob rate, against the held-out reference; real-vs-real floors.
+           Writes results.json, prints the Markdown table and the dgan/peer ratios.
 
 Why a domain extractor rather than Inception: Inception weights need a download (offline here),
 and ImageNet features of 32 px grey X-rays are dominated by resizing artefacts. A small CNN trained
 to tell pneumonia from normal on the *training part* sees X-ray structure; it never sees the
 held-out reference images it scores against.
+
+Blob rate: the share of samples whose fine-detail energy (mean squared difference from a 3x3 box
+blur) exceeds the 99th percentile of the reference images': textured noise with no anatomy.
 """
 from __future__ import annotations
 
@@ -40,24 +49,40 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = {"hybrid": 0.1, "diffusion": 0.0}  # run name -> gan.adv_weight; everything else is shared
-SAMPLINGS = (("ddim", 10), ("ddim", 50), ("ddpm", 1000))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peer_ddpm  # noqa: E402  (benchmarks/ is not a package)
+
+# dgan arms: name -> config overrides; "peer" is the diffusers DDPM (peer_ddpm.py)
+ARMS = {"hybrid": ["gan.adv_weight=0.1"], "diffusion": ["gan.adv_weight=0"]}
+PEER = "peer"
 PRESETS = {
-    # kimg per run; samples per sampler (DDPM runs all 1000 steps, so it gets fewer on a CPU)
-    "cpu": {"kimg": 40, "samples": 1000, "ddpm_samples": 200, "batch": 64},
-    "gpu": {"kimg": 400, "samples": 2000, "ddpm_samples": 2000, "batch": 128},
-    "smoke": {"kimg": 0.5, "samples": 64, "ddpm_samples": 16, "batch": 16},
+    # minutes: wall-clock training budget per arm (None: a fixed kimg per dgan arm);
+    # samples per sampler (DDPM runs all 1000 steps, so it gets fewer on a CPU)
+    "cpu": {"minutes": 15.0, "kimg": None, "samples": 1000, "ddpm_samples": 200, "batch": 64},
+    "gpu": {"minutes": None, "kimg": 400, "samples": 2000, "ddpm_samples": 2000, "batch": 128},
+    "ablation": {"minutes": None, "kimg": 28, "samples": 500, "ddpm_samples": 100, "batch": 64},
+    "smoke": {"minutes": 0.1, "kimg": None, "samples": 64, "ddpm_samples": 16, "batch": 16},
 }
 
 
-def run_config(args: argparse.Namespace, adv_weight: float):
+def samplings(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
+    return (("ddim", 10), ("ddim", 50)) + ((("ddpm", 1000),) if args.ddpm else ())
+
+
+def run_config(args: argparse.Namespace, arm: str, kimg: float | None = None):
     from dgan.config import load_config
 
     p = PRESETS[args.preset]
-    overrides = [f"gan.adv_weight={adv_weight}", f"train.total_kimg={p['kimg']}", f"train.batch_size={p['batch']}",
+    overrides = [f"train.total_kimg={kimg or args.kimg or p['kimg'] or 1}", f"train.batch_size={p['batch']}",
                  f"train.seed={args.seed}", f"train.device={args.device}", "log.progress=false",
-                 f"data.path={args.npz}", *args.set]
+                 f"data.path={args.npz}", *args.set, *args.arm_overrides[arm]]
     return load_config(REPO / "configs" / "pneumonia32.yaml", overrides)
+
+
+def budget_minutes(args: argparse.Namespace) -> float | None:
+    if args.kimg is not None:
+        return None
+    return args.minutes if args.minutes is not None else PRESETS[args.preset]["minutes"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,7 +94,7 @@ def phase_prepare(args: argparse.Namespace, out: Path) -> None:
     from dgan.data import build_eval_images
     from dgan.metrics import to_uint8, train_domain_extractor
 
-    cfg = run_config(args, 0.0)
+    cfg = run_config(args, "hybrid")
     images, labels = build_eval_images(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
                                        split="train")
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))
@@ -117,50 +142,93 @@ def batches(images: torch.Tensor, batch: int, seed: int, device: torch.device):
             yield x[order[start:start + batch].to(device)]
 
 
-def train_one(args: argparse.Namespace, out: Path, name: str) -> None:
-    """One run, in this process: the trainer's own build and step code, data from memory."""
-    from dgan.train import MetricWindow, TrainState, build_trainables, global_batch_size, seed_everything, take_step
+def build_dgan_run(args: argparse.Namespace, arm: str, images: torch.Tensor, kimg: float | None = None):
+    from dgan.dguard import DHealthGuard
+    from dgan.train import TrainState, build_trainables, seed_everything
 
-    cfg = run_config(args, RUNS[name])
+    cfg = run_config(args, arm, kimg)
     device = torch.device(cfg.train.device)
     seed_everything(cfg.train.seed)
-    data = torch.load(out / "data.pt", weights_only=True)
     tr, ema, scheds = build_trainables(cfg, device)
-    state, window = TrainState(), MetricWindow()
-    stream = batches(data["train_images"], cfg.train.batch_size, cfg.train.seed, device)
+    stream = batches(images, cfg.train.batch_size, cfg.train.seed, device)
+    return cfg, tr, ema, scheds, TrainState(), DHealthGuard(cfg.gan, tr, scheds[1]), stream
+
+
+def dgan_seconds_per_step(args: argparse.Namespace, arm: str, images: torch.Tensor, probe_steps: int = 20) -> float:
+    """Time some steps of a throwaway run of this arm (after two warm-up steps). Short probes
+    overestimate the step time (allocator and thread-pool warm-up), which ends runs early."""
+    from dgan.train import take_step
+
+    cfg, tr, ema, scheds, state, _, stream = build_dgan_run(args, arm, images)
+    label = torch.zeros(cfg.train.batch_size, dtype=torch.long, device=torch.device(cfg.train.device))
+    for i in range(2 + probe_steps):
+        if i == 2:
+            clock = time.perf_counter()
+        take_step(tr, ema, scheds, state, cfg, [(next(stream), label)])
+    return (time.perf_counter() - clock) / probe_steps
+
+
+def train_dgan(args: argparse.Namespace, out: Path, arm: str) -> None:
+    """One dgan arm, in this process: the trainer's own build and step code, data from memory."""
+    from dgan.train import MetricWindow, global_batch_size, take_step
+
+    images = torch.load(out / "data.pt", weights_only=True)["train_images"]
+    minutes, kimg = budget_minutes(args), None
+    if minutes is not None:  # plan the run's length so that the lr schedule decays over the budget
+        batch = PRESETS[args.preset]["batch"]
+        kimg = minutes * 60 / dgan_seconds_per_step(args, arm, images) * batch / 1000
+    cfg, tr, ema, scheds, state, guard, stream = build_dgan_run(args, arm, images, kimg)
     total_steps = round(cfg.train.total_kimg * 1000 / global_batch_size(cfg))
-    no_label = torch.zeros(cfg.train.batch_size, dtype=torch.long, device=device)
-    clock = time.perf_counter()
-    log_every = max(1, total_steps // 10)
-    while state.step < total_steps:
-        window.add(take_step(tr, ema, scheds, state, cfg, [(next(stream), no_label)]))
+    label = torch.zeros(cfg.train.batch_size, dtype=torch.long, device=torch.device(cfg.train.device))
+    window, clock = MetricWindow(), time.perf_counter()
+    deadline = clock + (minutes * 60 if minutes is not None else float("inf"))
+    log_every = max(1, min(cfg.log.every_steps, total_steps // 10))
+    while state.step < total_steps and time.perf_counter() < deadline:
+        window.add(take_step(tr, ema, scheds, state, cfg, [(next(stream), label)]))
         if state.step % log_every == 0 or state.step == total_steps:
             m = window.reduce()  # the one host sync per interval
-            print(f"{name}: step {state.step}/{total_steps} L_diff {m['L_diff']:.4f} L_adv {m['L_adv']:.3f} "
+            event = guard.check(m, state.step)
+            print(f"{arm}: step {state.step}/{total_steps} L_diff {m['L_diff']:.4f} L_adv {m['L_adv']:.3f} "
                   f"L_D {m['L_D']:.3f} T_adapt {int(tr.ada.t_adapt)} "
-                  f"{state.images_seen / (time.perf_counter() - clock):.0f} img/s", flush=True)
-    torch.save({"ema": ema.module.state_dict(), "overrides": list(args.set), "adv_weight": cfg.gan.adv_weight,
-                "kimg": cfg.train.total_kimg, "train_s": time.perf_counter() - clock,
-                "t_adapt": int(tr.ada.t_adapt)}, out / f"{name}.pt")
+                  f"{state.images_seen / (time.perf_counter() - clock):.0f} img/s{' ' + event if event else ''}",
+                  flush=True)
+    torch.save({"ema": ema.module.state_dict(), "overrides": run_overrides(args, arm), "steps": state.step,
+                "kimg": state.images_seen / 1000, "train_s": time.perf_counter() - clock,
+                "t_adapt": int(tr.ada.t_adapt), "guard_events": guard.events}, out / f"{arm}.pt")
+
+
+def train_one(args: argparse.Namespace, out: Path, arm: str) -> None:
+    if arm != PEER:
+        return train_dgan(args, out, arm)
+    minutes = budget_minutes(args)
+    if minutes is None:
+        raise SystemExit("the peer arm trains for a wall-clock budget: give --minutes")
+    images = torch.load(out / "data.pt", weights_only=True)["train_images"]
+    result = peer_ddpm.train_peer(images, minutes=minutes, seed=args.seed, device=torch.device(args.device),
+                                  log=lambda line: print(line, flush=True))
+    torch.save(result, out / f"{PEER}.pt")
+
+
+def run_overrides(args: argparse.Namespace, arm: str) -> list[str]:
+    return [*args.set, *args.arm_overrides.get(arm, [])]
 
 
 def phase_train(args: argparse.Namespace, out: Path) -> None:
-    """Every run in its own process at once: on a GPU they share it (each alone is launch-bound at
-    this size), on a CPU they split the cores."""
-    threads = max(1, (os.cpu_count() or 2) // len(args.runs))
-    procs = {}
-    for name in args.runs:
-        cmd = [sys.executable, __file__, "--phase", "_train_one", "--only", name, *forwarded(args)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        procs[name] = subprocess.Popen(cmd, env=env)
-    failed = [name for name, proc in procs.items() if proc.wait() != 0]
-    if failed:
-        raise SystemExit(f"train: run(s) {failed} failed; see their output above")
+    """Each arm in its own process, one after another: each gets every core for its whole budget."""
+    for arm in args.arms:
+        cmd = [sys.executable, __file__, "--phase", "_train_one", "--only", arm, *forwarded(args)]
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"train: arm {arm} failed; see its output above")
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:
     flags = ["--out", str(args.out), "--preset", args.preset, "--seed", str(args.seed), "--npz", str(args.npz),
-             "--device", args.device, "--runs", ",".join(args.runs)]
+             "--device", args.device, "--arms", ",".join(args.arms)]
+    if args.minutes is not None:
+        flags += ["--minutes", str(args.minutes)]
+    if args.kimg is not None:
+        flags += ["--kimg", str(args.kimg)]
+    flags += [f for spec in args.arm for f in ("--arm", spec)]
     return flags + [f for kv in args.set for f in ("--set", kv)]
 
 
@@ -169,36 +237,59 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def phase_sample(args: argparse.Namespace, out: Path) -> None:
+def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int) -> torch.Tensor:
     from dgan.diffusion import Diffusion
-    from dgan.evaluate import generate_indices
+    from dgan.evaluate import generate_indices, initial_noise
     from dgan.train import build_models
 
+    state = torch.load(out / f"{arm}.pt", weights_only=True)
+    if arm == PEER:
+        if sampler != "ddim":
+            raise SystemExit("the peer arm samples with DDIM only (its recipe); drop --ddpm or the peer arm")
+        x_T = initial_noise(range(n), args.seed, (1, 32, 32)).to(args.device)
+        return peer_ddpm.sample_peer(state["ema"], x_T, steps)
+    cfg = run_config(args, arm)
+    device = torch.device(cfg.train.device)
+    G, _ = build_models(cfg, device)
+    G.load_state_dict(state["ema"])
+    diffusion = Diffusion.from_config(cfg.diffusion, device=device)
+    return generate_indices(G, diffusion, range(n), sampler=sampler, steps=steps, seed=args.seed,
+                            channels=cfg.model.channels, image_size=cfg.model.image_size, num_classes=0,
+                            batch_size=500, device=device)
+
+
+def phase_sample(args: argparse.Namespace, out: Path) -> None:
+    from dgan.sample import save_grid
+
     p = PRESETS[args.preset]
-    for name in args.runs:
-        cfg = run_config(args, RUNS[name])
-        device = torch.device(cfg.train.device)
-        G, _ = build_models(cfg, device)
-        G.load_state_dict(torch.load(out / f"{name}.pt", weights_only=True)["ema"])
-        diffusion = Diffusion.from_config(cfg.diffusion, device=device)
-        for sampler, steps in SAMPLINGS:
+    for arm in args.arms:
+        for sampler, steps in samplings(args):
             n = p["ddpm_samples"] if sampler == "ddpm" else p["samples"]
             clock = time.perf_counter()
-            x = generate_indices(G, diffusion, range(n), sampler=sampler, steps=steps, seed=args.seed,
-                                 channels=cfg.model.channels, image_size=cfg.model.image_size, num_classes=0,
-                                 batch_size=500, device=device)
+            x = sample_arm(args, out, arm, sampler, steps, n)
             # float16 here, uint8 when scored: this phase must not need torch-fidelity (the GPU
             # machine lacks it); fp16 keeps ~11 bits, far more than the 8 that are scored.
-            torch.save(x.half(), out / f"samples-{name}-{sampler}{steps}.pt")
-            print(f"sample: {name} {sampler}{steps}: {n} images in {time.perf_counter() - clock:.0f} s", flush=True)
+            torch.save(x.half(), out / f"samples-{arm}-{sampler}{steps}.pt")
+            save_grid(x[:64], out / f"grid-{arm}-{sampler}{steps}.png", nrow=8)
+            print(f"sample: {arm} {sampler}{steps}: {n} images in {time.perf_counter() - clock:.0f} s", flush=True)
+
+
+def detail_energy(images_u8: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared difference from a 3x3 box blur, in [0, 1] units: high for speckle."""
+    x = images_u8.float() / 255.0
+    blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    return (x - blur).pow(2).flatten(1).mean(1)
 
 
 def score_set(real: torch.Tensor, fake: torch.Tensor, extractor: Path, frd_samples: int) -> dict[str, float]:
     """FID/KID on all samples; FRD (frd_samples > 0) on the first frd_samples of them: its radiomics
-    extraction costs ~0.1 s per image per core, the reference included, on every call."""
+    extraction costs ~0.1 s per image per core, the reference included, on every call. Blob rate:
+    the share above the reference's 99th-percentile detail energy (about 0.01 for real images)."""
     from dgan.metrics import fid_kid
 
     scores = fid_kid(real, fake, extractor_path=extractor, batch_size=256)
+    threshold = torch.quantile(detail_energy(real), 0.99)
+    scores["blob"] = float((detail_energy(fake) > threshold).float().mean())
     if frd_samples > 0:
         from dgan.metrics import frd
 
@@ -223,34 +314,56 @@ def phase_score(args: argparse.Namespace, out: Path) -> dict:
     real, extractor = data["ref_images"], out / "extractor.pt"
     frd_samples = args.frd_samples if frd_available() and not args.no_frd else 0
     if not frd_samples:
-        print("score: FRD skipped (pip install -e '.[frd]' to add it)", flush=True)
-    results: dict = {"preset": args.preset, "overrides": list(args.set), "reference_images": int(real.shape[0]),
-                     "seed": args.seed, "frd_samples": frd_samples,
-                     "runs": {}, "floors": {}}
-    # Real-vs-real floors at the two sample counts: FID/KID of held-out reals against training
-    # reals of the same size say what "as good as the data" reads on this extractor.
-    for n in sorted({PRESETS[args.preset]["samples"], PRESETS[args.preset]["ddpm_samples"]}):
+        print("score: FRD skipped (pip install -e '.[frd]' to add it, or drop --no-frd)", flush=True)
+    results: dict = {"preset": args.preset, "minutes": budget_minutes(args), "overrides": list(args.set),
+                     "reference_images": int(real.shape[0]), "seed": args.seed, "frd_samples": frd_samples,
+                     "arms": {}, "runs": {}, "floors": {}}
+    # Real-vs-real floors at the sample counts: FID/KID of held-out reals against training reals of
+    # the same size say what "as good as the data" reads on this extractor.
+    counts = {PRESETS[args.preset]["samples"]} | ({PRESETS[args.preset]["ddpm_samples"]} if args.ddpm else set())
+    for n in sorted(counts):
         results["floors"][f"train{n}"] = score_set(real, data["train_images"][:n], extractor, frd_samples)
-    for name in args.runs:
-        for sampler, steps in SAMPLINGS:
-            fake = to_uint8(torch.load(out / f"samples-{name}-{sampler}{steps}.pt", weights_only=True))
-            results["runs"].setdefault(name, {})[f"{sampler}{steps}"] = score_set(real, fake, extractor, frd_samples)
-            print(f"score: {name} {sampler}{steps}: {results['runs'][name][f'{sampler}{steps}']}", flush=True)
+    for arm in args.arms:
+        info = torch.load(out / f"{arm}.pt", weights_only=True)
+        results["arms"][arm] = {k: info[k] for k in ("kimg", "train_s", "overrides", "t_adapt", "guard_events")
+                                if k in info}
+        for sampler, steps in samplings(args):
+            fake = to_uint8(torch.load(out / f"samples-{arm}-{sampler}{steps}.pt", weights_only=True))
+            results["runs"].setdefault(arm, {})[f"{sampler}{steps}"] = score_set(real, fake, extractor, frd_samples)
+            print(f"score: {arm} {sampler}{steps}: {results['runs'][arm][f'{sampler}{steps}']}", flush=True)
+    results["peer_ratios"] = peer_ratios(results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown_table(results))
+    print(markdown_table(results, samplings(args)))
+    for line in results["peer_ratios"]:
+        print(line)
     return results
 
 
-def markdown_table(results: dict) -> str:
-    cols = [f"{s}{n}" for s, n in SAMPLINGS]
+def peer_ratios(results: dict) -> list[str]:
+    """'ARM/peer FID x.xx, KID y.yy at ddim50' for every dgan arm, when the peer was run."""
+    runs = results["runs"]
+    if PEER not in runs:
+        return []
+    lines = []
+    for arm, by_col in runs.items():
+        for col in (c for c in by_col if c in runs[PEER] and arm != PEER):
+            kid = by_col[col]["kid"] / runs[PEER][col]["kid"] if runs[PEER][col]["kid"] > 0 else float("nan")
+            lines.append(f"ratio {arm}/peer at {col}: FID {by_col[col]['fid'] / runs[PEER][col]['fid']:.3f}, "
+                         f"KID {kid:.3f}")
+    return lines
+
+
+def markdown_table(results: dict, cols_spec) -> str:
+    cols = [f"{s}{n}" for s, n in cols_spec]
     first = next(iter(results["runs"].values()))
-    keys = [k for k in ("fid", "kid", "frd") if k in first[cols[0]]]
-    lines = ["| run | " + " | ".join(f"{k.upper()} {c}" for k in keys for c in cols) + " |",
-             "|---|" + "---:|" * (len(keys) * len(cols))]
+    keys = [k for k in ("fid", "kid", "frd", "blob") if k in first[cols[0]]]
+    lines = ["| arm | kimg | " + " | ".join(f"{k.upper()} {c}" for k in keys for c in cols) + " |",
+             "|---|---:|" + "---:|" * (len(keys) * len(cols))]
     for name, by_col in results["runs"].items():
-        lines.append(f"| {name} | " + " | ".join(fmt(by_col[c][k]) for k in keys for c in cols) + " |")
+        kimg = results["arms"].get(name, {}).get("kimg", float("nan"))
+        lines.append(f"| {name} | {kimg:.1f} | " + " | ".join(fmt(by_col[c][k]) for k in keys for c in cols) + " |")
     for floor, scores in results["floors"].items():
-        lines.append(f"| real {floor} | " + " | ".join(fmt(scores[k]) for k in keys for _ in cols) + " |")
+        lines.append(f"| real {floor} | | " + " | ".join(fmt(scores[k]) for k in keys for _ in cols) + " |")
     return "\n".join(lines)
 
 
@@ -258,23 +371,39 @@ def fmt(v: float) -> str:
     return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
 
 
+def parse_arm(spec: str) -> tuple[str, list[str]]:
+    name, _, rest = spec.partition(":")
+    if not name or name == PEER:
+        raise argparse.ArgumentTypeError(f"--arm {spec!r}: expected 'NAME:key=value ...' with NAME not '{PEER}'")
+    return name, rest.split()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phase", default="all", choices=["all", "prepare", "train", "sample", "score", "_train_one"])
-    p.add_argument("--only", choices=list(RUNS), help=argparse.SUPPRESS)
+    p.add_argument("--only", help=argparse.SUPPRESS)
     p.add_argument("--preset", default="cpu", choices=list(PRESETS))
+    p.add_argument("--minutes", type=float, help="wall-clock training budget per arm (default: the preset's)")
+    p.add_argument("--kimg", type=float, help="a fixed training length per dgan arm instead of a time budget")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "quality")
     p.add_argument("--npz", type=Path, default=REPO.parent / "shared" / "data" / "pneumoniamnist.npz")
     p.add_argument("--holdout", type=int, default=1000, help="train-split images held out as the reference")
     p.add_argument("--extractor-epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--set", action="append", default=[], help="a config override for both runs (repeatable)")
-    p.add_argument("--runs", type=lambda s: s.split(","), default=list(RUNS),
-                   help=f"which of {','.join(RUNS)} (hyperparameter tries: --runs hybrid --set ...)")
+    p.add_argument("--set", action="append", default=[], help="a config override for every dgan arm (repeatable)")
+    p.add_argument("--arm", action="append", default=[], help="'NAME:key=value ...': a dgan arm with overrides")
+    p.add_argument("--arms", type=lambda s: s.split(","), default=["hybrid", "diffusion", PEER],
+                   help="which arms, in order (default hybrid,diffusion,peer)")
+    p.add_argument("--ddpm", action="store_true", help="also sample DDPM 1000 (dgan arms only; slow on a CPU)")
     p.add_argument("--no-frd", action="store_true", help="skip FRD even when the extra is installed")
     p.add_argument("--frd-samples", type=int, default=1000, help="samples per set scored by FRD (it is slow)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.arm_overrides = {**ARMS, **dict(parse_arm(spec) for spec in args.arm), PEER: []}
+    unknown = [a for a in args.arms if a not in args.arm_overrides]
+    if unknown:
+        p.error(f"unknown arm(s) {unknown}: define them with --arm 'NAME:key=value ...'")
+    return args
 
 
 def main(argv=None) -> None:

@@ -37,7 +37,8 @@ def diffusion_step(tr: Trainables, x0: torch.Tensor, clip: float) -> None:
     tr.opt_g.zero_grad(set_to_none=True)
     t = torch.randint(0, tr.diffusion.num_steps, (x0.shape[0],))
     eps = torch.randn_like(x0)
-    diffusion_loss(tr.G(tr.diffusion.q_sample(x0, t, eps), t), eps).backward()
+    target = tr.diffusion.training_target(x0, t, eps)
+    diffusion_loss(tr.G(tr.diffusion.q_sample(x0, t, eps), t), target).backward()
     torch.nn.utils.clip_grad_norm_(tr.G_raw.parameters(), clip, foreach=True)
     tr.opt_g.step()
 
