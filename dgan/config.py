@@ -61,6 +61,9 @@ class DiffusionConfig:
     # Diffusion.training_target); eps is the textbook DDPM target, kept for old checkpoints.
     prediction: Literal["eps", "v"] = "v"
     min_snr_gamma: float = 0.0                # > 0: min-SNR-gamma loss weights (5 in the paper); 0 = off
+    # Where DDIM / DPM-Solver++ evaluate G. quadratic: dense near t = 0, where the image's detail is
+    # decided, and no evaluation wasted at t = 0 itself (Diffusion.timesteps_for; RESULTS.md, issue 10)
+    timestep_spacing: Literal["uniform", "quadratic"] = "quadratic"
 
 
 @dataclass

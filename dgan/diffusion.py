@@ -25,6 +25,7 @@ StepHook = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+SPACINGS = ("uniform", "quadratic")
 PREDICTIONS = ("eps", "v")
 _COSINE_OFFSET = 0.008  # Nichol & Dhariwal's s: keeps beta_0 from being vanishingly small
 _MAX_BETA = 0.999  # the cosine schedule's last beta tends to 1; clip it to keep alpha_t > 0
@@ -80,12 +81,16 @@ class Diffusion:
     def from_config(cls, dc, device: torch.device | str = "cpu") -> "Diffusion":
         """The process a DiffusionConfig (cfg.diffusion) describes: the one place that maps it."""
         return cls(dc.num_steps, dc.schedule, dc.beta_start, dc.beta_end, device=device,
-                   prediction=dc.prediction)
+                   prediction=dc.prediction, spacing=dc.timestep_spacing)
 
     def __init__(self, num_steps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, device: torch.device | str = "cpu", prediction: str = "eps") -> None:
+                 beta_end: float = 0.02, device: torch.device | str = "cpu", prediction: str = "eps",
+                 spacing: str = "uniform") -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+        self.spacing = spacing
         self.num_steps = int(num_steps)
         self.schedule = schedule
         # What the network outputs (see model_x0): "eps" (Ho et al.) or "v" (Salimans & Ho 2022)
@@ -204,11 +209,27 @@ class Diffusion:
     # ----------------------------------------------------------------- sampler helpers
 
     def timesteps_for(self, steps: int) -> torch.LongTensor:
-        """`steps` distinct timesteps, evenly spaced from T-1 down to 0 (CPU LongTensor)."""
+        """`steps` distinct timesteps from T-1 down (CPU LongTensor), spaced by self.spacing.
+
+        uniform: evenly from T-1 to 0. quadratic: t_k = T (k/steps)^2 - 1 for k = steps..1 (the
+        DDIM paper's quadratic grid, "trailing" so it starts exactly at T-1). It spends the
+        evaluations where the image's detail is decided, near t = 0, and none at t = 0 itself,
+        where x_t is already clean to 1e-4; the uniform grid spends 1 of 10 there and jumps from
+        t = 111 (noise std 0.37) to clean in one step. Measured on PneumoniaMNIST (RESULTS.md):
+        FID at DDIM 10 1.43 -> 0.81, at DDIM 50 0.36 -> 0.26, same weights.
+        """
         if not 1 <= steps <= self.num_steps:
             raise ValueError(f"steps must be in 1..{self.num_steps}, got {steps}")
-        # spacing >= 1 whenever steps <= T, so rounding can never merge two timesteps
-        return torch.linspace(self.num_steps - 1, 0, steps, dtype=torch.float64).round().long()
+        if self.spacing == "uniform":
+            # spacing >= 1 whenever steps <= T, so rounding can never merge two timesteps
+            return torch.linspace(self.num_steps - 1, 0, steps, dtype=torch.float64).round().long()
+        k = torch.arange(steps, 0, -1, dtype=torch.float64)
+        grid = (self.num_steps * (k / steps) ** 2 - 1).round().clamp(min=0).long()
+        # Near t = 0 the quadratic grid is denser than one step when steps > sqrt(T): keep the
+        # timesteps distinct by lifting each, from the bottom up, to at least one above the next.
+        for i in range(steps - 2, -1, -1):
+            grid[i] = max(int(grid[i]), int(grid[i + 1]) + 1)
+        return grid
 
     def _abar(self, t: Optional[int]) -> float:
         """alpha_bar at timestep t as a float64 scalar; None means clean data (alpha_bar = 1)."""

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from dgan.config import load_config
 from dgan.diffusion import Diffusion, make_betas
 
 T = 1000
@@ -198,6 +199,26 @@ def test_timesteps_for(linear):
     for bad in (0, T + 1):
         with pytest.raises(ValueError, match="steps"):
             linear.timesteps_for(bad)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 31, 32, 50, 999, 1000])
+def test_quadratic_timesteps_are_distinct_start_at_T_and_are_dense_near_zero(steps):
+    d = Diffusion(1000, spacing="quadratic")
+    ts = d.timesteps_for(steps)
+    assert len(ts) == steps and ts[0].item() == 999 and ts[-1].item() >= 0
+    assert (ts[:-1] > ts[1:]).all()  # distinct even where the quadratic grid is finer than 1 step
+    if steps == 10:
+        # the DDIM paper's quadratic grid, trailing: no evaluation at t = 0 (x_t clean to 1e-4)
+        assert ts.tolist() == [999, 809, 639, 489, 359, 249, 159, 89, 39, 9]
+    if steps == T:
+        assert ts.tolist() == list(range(T - 1, -1, -1))
+
+
+def test_config_picks_quadratic_spacing_and_rejects_unknown():
+    assert Diffusion.from_config(load_config(None, []).diffusion).timesteps_for(10)[-1].item() == 9
+    assert Diffusion.from_config(load_config(None, ["diffusion.timestep_spacing=uniform"]).diffusion).timesteps_for(10)[-1] == 0
+    with pytest.raises(ValueError, match="spacing"):
+        Diffusion(10, spacing="cubic")
 
 
 def test_sample_dispatch(linear):
