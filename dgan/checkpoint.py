@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dgan.errors import DganError
+
 SCHEMA_VERSION = 1
 
 BEST_NAME = "ckpt-best.pt"
@@ -48,10 +50,11 @@ _REQUIRED_KEYS = ("schema_version", "metadata", "state")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip format; dgan never writes the legacy format
 _UNSAFE_GLOBAL_RE = re.compile(r"GLOBAL (\S+) was not an allowed global|module (\S+) is blocked")
 _MISSING = object()
-_RESUME_HINT = "pass --resume auto to fall back to the newest valid checkpoint"
+# Generic on purpose: sample and evaluate have no --resume; dgan.train adds its own fallback hint.
+_FIX_HINT = "pass another checkpoint"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DganError, RuntimeError):
     """A checkpoint cannot be written or read; the one-line message says what to do."""
 
 
@@ -155,7 +158,7 @@ def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:
 def _read_raw(path: Path, map_location: Any, mmap: bool) -> Any:
     """torch.load(weights_only=True) with every failure turned into a one-line CheckpointError."""
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path or {_RESUME_HINT}")
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path or {_FIX_HINT}")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -163,7 +166,7 @@ def _read_raw(path: Path, map_location: Any, mmap: bool) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}; check its permissions") from e
     if magic != _ZIP_MAGIC:
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt (not a torch zip archive); {_RESUME_HINT}"
+            f"checkpoint {path} is truncated or corrupt (not a torch zip archive); {_FIX_HINT}"
         )
     try:
         return _torch_load(path, map_location, mmap)
@@ -176,7 +179,7 @@ def _read_raw(path: Path, map_location: Any, mmap: bool) -> Any:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({_one_line(e, 100)}); {_RESUME_HINT}"
+            f"checkpoint {path} is truncated or corrupt ({_one_line(e, 100)}); {_FIX_HINT}"
         ) from e
 
 
@@ -471,7 +474,8 @@ def _fmt(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], keys: list[str]) -> None:
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], keys: list[str],
+                     saved_config: str = "runs/<run>/config.yaml") -> None:
     """Raise one CheckpointError listing every dotted key whose value differs between configs."""
     mismatches, overrides = [], []
     for key in keys:
@@ -485,7 +489,7 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], keys:
         hint = f" or the overrides {' '.join(overrides)}" if overrides else ""
         raise CheckpointError(
             "checkpoint does not match the config: " + "; ".join(mismatches)
-            + f" -- pass the checkpoint's config (--config runs/<run>/config.yaml){hint}"
+            + f" -- pass the checkpoint's config (--config {saved_config}){hint}"
         )
 
 

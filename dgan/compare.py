@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from dgan.errors import DganError
 from dgan.tracking import default_tracking_uri, format_value, import_mlflow
 
 # Metrics shown whenever a run has them, with the direction that is better.
@@ -33,7 +34,7 @@ NOT_COMPARED = frozenset({"checkpoint", "run_dir", "log.run_name"})
 MISSING = "-"
 
 
-class CompareError(RuntimeError):
+class CompareError(DganError, RuntimeError):
     """A user-facing problem (no store, no experiment, no matching run): one line."""
 
 

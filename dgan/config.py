@@ -16,9 +16,12 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from dgan.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     """A bad configuration: the message names the key and the fix."""
+    label = "config error"
 
 
 @dataclass
@@ -263,10 +266,21 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.lr_g=1e-4")
     key, raw = text.split("=", 1)
     # YAML gives us ints, floats, bools, null and lists for free: `decoder_channels=[64,32]`
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _yaml_load(raw, f"override '{text}'", "close the brackets or quote the value") if raw.strip() else None
     if isinstance(value, str) and _looks_numeric(raw):
         value = float(raw)  # YAML 1.1 reads "1e-4" as a string
     return key.strip().split("."), value
+
+
+def _yaml_load(text: str, where: str, fix: str) -> Any:
+    """yaml.safe_load, with a parse error turned into one ConfigError line (PyYAML's own is 5+ lines)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{where}: not valid YAML ({problem}{at}); {fix}") from None
 
 
 def _looks_numeric(raw: str) -> bool:
@@ -288,6 +302,17 @@ def int_list_arg(text: str) -> tuple[int, ...]:
     return values
 
 
+def positive_int_arg(text: str) -> int:
+    """argparse type for counts such as --n or --steps: an integer >= 1 (argparse then exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
 def _nest(path: list[str], value: Any) -> dict:
     out: Any = value
     for part in reversed(path):
@@ -302,7 +327,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path} (see configs/ for examples)")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text(), f"config file {path}", "fix the file (see configs/ for examples)") or {}
         _apply(cfg, data)
     for text in overrides:
         keys, value = _parse_override(text)

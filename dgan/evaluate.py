@@ -59,9 +59,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dgan.errors import DganError, report  # noqa: E402
 from dgan.config import int_list_arg  # noqa: E402
 
 from dgan import distributed as dist  # noqa: E402
+from dgan.rundir import find_checkpoint  # noqa: E402
 from dgan.runinfo import file_sha256  # noqa: E402
 
 METRICS = ("fid", "kid", "psnr", "ssim", "frd")
@@ -83,7 +85,7 @@ LABEL_SHIFT_WARNING = (
     "not only sample quality; for quality numbers use --reference train (and say so)")
 
 
-class EvalError(RuntimeError):
+class EvalError(DganError, RuntimeError):
     """A user-facing evaluation problem; the message is one line that says what to do."""
 
 
@@ -411,26 +413,6 @@ def evaluate_generator(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, 
 # --------------------------------------------------------------------------------------------------
 
 
-def find_checkpoint(run: Optional[str], checkpoint: Optional[str], root: str) -> tuple[Path, Path]:
-    """(checkpoint file, run dir): --checkpoint as given, else the newest valid one of --run or of the
-    newest run under --root (the run whose newest checkpoint was written last)."""
-    from dgan.checkpoint import Checkpointer
-    from dgan.runinfo import newest_run_with_checkpoints
-
-    if checkpoint is not None:
-        path = Path(checkpoint).expanduser().resolve()
-        if not path.is_file():
-            raise EvalError(f"--checkpoint {path}: no such file")
-        return path, path.parent.parent  # runs/<run>/checkpoints/ckpt-*.pt
-    run_dir = Path(run).expanduser() if run is not None else newest_run_with_checkpoints(Path(root).expanduser())
-    if run_dir is None:
-        raise EvalError(f"no run with checkpoints under --root {root}; pass --run DIR or --checkpoint PATH")
-    found = Checkpointer(run_dir / "checkpoints").latest_valid()
-    if found is None:
-        raise EvalError(f"{run_dir}: no valid checkpoints/ckpt-*.pt; pass --checkpoint PATH")
-    return found.resolve(), run_dir.resolve()
-
-
 def checkpoint_record(path: Path) -> dict[str, Any]:
     """Step, images seen and the training run's MLflow id, from the checkpoint's trainer state."""
     from dgan.checkpoint import load_checkpoint
@@ -660,16 +642,9 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
     return 0
 
 
-def _error(err: Exception) -> int:
-    print(f"dgan.evaluate: error: {err}", file=sys.stderr)
-    return 1
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     chosen = [m for m in METRICS if getattr(args, m)] or list(DEFAULT_METRICS)
-    from dgan.metrics import MetricError
-
     try:
         # First, before the checkpoint, the data and any generation are even imported: bad options
         # and missing Inception weights stop the command within seconds.
@@ -679,25 +654,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           fid_weights=args.fid_weights)
         else:
             chosen = [args.task]  # the task's own metrics (e.g. inpaint_psnr), not FID/KID/PSNR/SSIM
-    except (EvalError, MetricError) as err:
-        return _error(err)
-    from dgan.checkpoint import CheckpointError
-    from dgan.config import ConfigError
-    from dgan.data.sources import DataError
-
-    try:
         device = dist.init(args.device)
         try:
             return _evaluate_cli(args, chosen, device)
         finally:
             dist.shutdown()
-    except (EvalError, MetricError, CheckpointError, ConfigError, DataError) as err:
-        return _error(err)
+    except DganError as err:
+        return report(err, "dgan.evaluate")
 
 
 if __name__ == "__main__":
-    # Run the importable module's main, not this __main__ copy: dgan.inpaint and dgan.superres raise
-    # dgan.evaluate.EvalError, which `except EvalError` here would otherwise not recognise.
-    from dgan.evaluate import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

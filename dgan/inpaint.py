@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from dgan.diffusion import Diffusion, ModelFn, StepHook
+from dgan.errors import UsageError
+from dgan.rundir import output_dir
 
 MASK_TYPES = ("box", "brush")
 INPAINT_SAMPLERS = ("ddim", "ddpm")
@@ -42,7 +44,7 @@ _ASPECT_TOLERANCE = 0.02
 Move = tuple[int, int | None]  # (timestep from, timestep to); to None = clean data
 
 
-class InpaintError(ValueError):
+class InpaintError(UsageError):
     """A bad input for inpainting; the message is one line that says what is wrong and how to fix it."""
 
 
@@ -514,7 +516,7 @@ def inpaint_cli(args: argparse.Namespace, G: torch.nn.Module, cfg, diffusion: Di
     except (InpaintError, ValueError) as err:  # ValueError: e.g. --steps outside 1..T from the Diffusion
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / f"inpaint-{Path(args.inpaint).stem}")
+    out = Path(args.out or output_dir(args.checkpoint, f"inpaint-{Path(args.inpaint).stem}"))
     _write_outputs(out, image, mask, results, bit_depth)
     print(f"wrote {len(results)} inpainted image(s), mask.png and strip.png to {out}")
     return 0

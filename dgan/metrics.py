@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from dgan.errors import DganError
 from dgan.runinfo import file_sha256
 
 INCEPTION = "inception-v3-compat"
@@ -73,7 +74,7 @@ _FEATURE_LAYER = "features"
 _CACHE_KEY_PATTERN = re.compile(r"[A-Za-z0-9._]+")
 
 
-class MetricError(RuntimeError):
+class MetricError(DganError, RuntimeError):
     """A metric cannot be computed; the message is one line that says what to do."""
 
 

@@ -22,10 +22,12 @@ from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from dgan.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from dgan.config import Config, config_from_dict  # noqa: E402
+from dgan.config import Config, config_from_dict, positive_int_arg  # noqa: E402
 from dgan.diffusion import Diffusion  # noqa: E402
+from dgan.errors import DganError, UsageError, report  # noqa: E402
 from dgan.inpaint import add_inpaint_args, inpaint_cli  # noqa: E402
 from dgan.models import Generator  # noqa: E402
+from dgan.rundir import output_dir  # noqa: E402
 
 
 def guided_model_fn(G: torch.nn.Module, labels: Optional[torch.Tensor], guidance: float,
@@ -113,15 +115,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dgan.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (runs/<run>/checkpoints/ckpt-*.pt)")
-    p.add_argument("--n", type=int, default=None, help="number of images (default 64; --inpaint: completions, 4)")
+    p.add_argument("--n", type=positive_int_arg, default=None, help="number of images (default 64; --inpaint: completions, 4)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp2m"])
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (ddpm always uses T)")
+    p.add_argument("--steps", type=positive_int_arg, default=50, help="sampler steps, 1..T (ddpm always uses T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--out", default=None, help="output dir (default: <run>/samples-<sampler><steps>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="label", type=int, default=None, help="class label (conditional models)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = none)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int_arg, default=256)
     p.add_argument("--trajectory", action="store_true", help="also save the x0-prediction trajectory strip")
     p.add_argument("--super-resolve", nargs="+", metavar="LOW.png",
                    help="super-resolve these LR images (model.task=sr checkpoints; see dgan/superres.py)")
@@ -129,6 +131,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     add_inpaint_args(p, mask_file=True)  # --inpaint IMAGE --mask PNG --mask-type --jump-length --jump-n-sample
     args = p.parse_args(argv)
+    if not 0.0 <= args.eta <= 1.0:
+        p.error(f"--eta {args.eta}: must be in [0, 1]")
     if args.n is None:
         args.n = 4 if args.inpaint is not None else 64
     return args
@@ -139,19 +143,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     try:
-        G, cfg, diffusion, meta = load_generator(args.checkpoint, device)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _sample_cli(args, device)
+    except DganError as e:
+        return report(e)
+
+
+def _sample_cli(args: argparse.Namespace, device: torch.device) -> int:
+    G, cfg, diffusion, meta = load_generator(args.checkpoint, device)
     if args.label is not None and not 0 <= args.label < max(cfg.model.num_classes, 1):
-        print(f"error: --class {args.label} but the model has num_classes={cfg.model.num_classes}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--class {args.label} but the model has num_classes={cfg.model.num_classes}")
+    if args.sampler != "ddpm" and args.steps > diffusion.num_steps:
+        raise UsageError(f"--steps {args.steps}: the model has T={diffusion.num_steps} diffusion steps; "
+                         f"use 1..{diffusion.num_steps}")
     if args.super_resolve is not None or cfg.model.task == "sr":  # an SR model cannot sample from noise alone
         from dgan.superres import super_resolve_cli
         return super_resolve_cli(args, G, cfg, diffusion, meta)
     if args.inpaint is not None:
         return inpaint_cli(args, G, cfg, diffusion, device)
-    out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / f"samples-{args.sampler}{args.steps}")
+    out = Path(args.out or output_dir(args.checkpoint, f"samples-{args.sampler}{args.steps}"))
     out.mkdir(parents=True, exist_ok=True)
     labels = None if args.label is None else torch.full((args.n,), args.label, dtype=torch.long)
     frames: list[torch.Tensor] = []

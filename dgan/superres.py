@@ -37,6 +37,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from dgan.errors import UsageError
+from dgan.rundir import output_dir
+
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_STEPS = 50
 
@@ -209,7 +212,7 @@ def run_sr_task(G: torch.nn.Module, diffusion, cfg, args, device: torch.device):
 # python -m dgan.sample --super-resolve LOW.png [--scale N]
 
 
-class SRRequestError(ValueError):
+class SRRequestError(UsageError):
     """A super-resolution request that does not fit the checkpoint; one line saying how to fix it."""
 
 
@@ -281,7 +284,7 @@ def super_resolve_cli(args, G: torch.nn.Module, cfg, diffusion, meta: dict) -> i
     except SRRequestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / "super-resolved")
+    out = Path(args.out or output_dir(args.checkpoint, "super-resolved"))
     out.mkdir(parents=True, exist_ok=True)
     lr = torch.cat([x for x, _ in inputs])
     sr = super_resolve(G, diffusion, lr, scale=cfg.model.sr_scale, sampler=args.sampler, steps=args.steps,

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -26,20 +26,23 @@ import torch  # noqa: E402
 from dgan import __version__  # noqa: E402
 from dgan import distributed as dist  # noqa: E402
 from dgan.adaptive import AdaptiveT  # noqa: E402
-from dgan.checkpoint import (CheckpointError, Checkpointer, capture_rng_state, check_compatible,  # noqa: E402
-                             load_checkpoint, load_state_dict_strict, resolve_resume, restore_rng_state)
+from dgan.checkpoint import (CheckpointError, Checkpointer, CheckpointSchemaError, capture_rng_state,  # noqa: E402
+                             check_compatible, load_checkpoint, load_state_dict_strict, restore_rng_state)
 from dgan.config import Config, ConfigError, load_config, save_config, to_dict, with_legacy_defaults  # noqa: E402
-from dgan.data import DataError, build_train_data  # noqa: E402
+from dgan.data import build_train_data  # noqa: E402
 from dgan.dguard import DHealthGuard  # noqa: E402
 from dgan.diffusion import Diffusion  # noqa: E402
 from dgan.ema import EMA  # noqa: E402
 from dgan.lr_schedule import build_lr_schedule  # noqa: E402
+from dgan.errors import EXIT_ERROR, DganError, report  # noqa: E402
 from dgan.models import Generator, PatchDiscriminator  # noqa: E402
-from dgan.runinfo import git_hash, make_run_dir  # noqa: E402
+from dgan.rundir import CHECKPOINTS, RunPlan, home_of, plan_run  # noqa: E402
+from dgan.runinfo import git_hash  # noqa: E402
 from dgan.sample import generate, save_grid  # noqa: E402
 from dgan.step import Trainables, train_step  # noqa: E402
 from dgan.tracking import Progress, Tracker, flatten  # noqa: E402
 
+T = TypeVar("T")
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: "try again" -- slurm/train.sh requeues on it
 EXIT_INTERRUPTED = 130
 # Architecture keys that must match for a checkpoint's weights to load.
@@ -64,19 +67,53 @@ class TrainState:
         self.mlflow_run_id = d.get("mlflow_run_id")
 
 
+class PhaseInterrupted(BaseException):
+    """Raised by the signal handler inside an interruptible phase. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` in the sampling or metric code swallows it."""
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (preemption) or SIGINT (Ctrl-C); acted on at a step boundary."""
+    """Set by SIGTERM/SIGUSR1 (preemption) or SIGINT (Ctrl-C); acted on at a step boundary.
+
+    A step takes well under a second, but a sample grid or a periodic evaluation can take minutes on
+    a CPU, longer than SLURM's notice before SIGKILL. Those phases run through `run_phase`: a signal
+    during one aborts it at once (the handler raises), and the loop goes straight to the save.
+    """
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self._armed = False
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
-            print(f"[rank {dist.get_rank()}] received {signal.Signals(signum).name}; "
-                  "saving a checkpoint at the next step boundary", file=sys.stderr, flush=True)
+            then = "stopping the current phase to save" if self._armed else "saving at the next step boundary"
+            print(f"[rank {dist.get_rank()}] received {signal.Signals(signum).name}; {then} a checkpoint",
+                  file=sys.stderr, flush=True)
+        if self._armed:
+            self._armed = False  # disarm first: a second signal must not raise again
+            raise PhaseInterrupted(signal.Signals(signum).name)
+
+    def run_phase(self, phase: Callable[[], T], interruptible: bool = True) -> Optional[T]:
+        """phase(), or None when a stop signal came before or during it.
+
+        Only for work whose abortion loses nothing the checkpoint needs: sampling and metrics, on
+        their own RNG, outside the training state. And only rank-local work: a rank interrupted
+        outside a collective would leave its peers waiting inside one, so a multi-rank evaluation
+        passes interruptible=False and is acted on after it ends, as before.
+        """
+        if self.signum is not None:
+            return None  # a stop is pending: save first, skip the phase
+        try:
+            self._armed = interruptible
+            try:
+                return phase()
+            finally:
+                self._armed = False
+        except PhaseInterrupted:  # also when the signal lands in the `finally` above
+            return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,10 +209,17 @@ def save_checkpoint(ckpt: Checkpointer, comps: dict, cfg: Config, run_dir: Path,
 
 
 def restore_checkpoint(path: Path, comps: dict, cfg: Config, device) -> None:
-    payload = load_checkpoint(path, map_location=device)
+    try:
+        payload = load_checkpoint(path, map_location=device)
+    except CheckpointSchemaError:
+        raise  # from a newer dgan: falling back to an older checkpoint would lose work
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}, or --resume auto to fall back to the newest valid one") from None
     # A different SR scale is a different task even though the weights would load.
     keys = ARCH_KEYS + (["model.sr_scale"] if cfg.model.task == "sr" else [])
-    check_compatible(with_legacy_defaults(payload["metadata"]["config"]), to_dict(cfg), keys)
+    run_config = home_of(path) / "config.yaml"  # still the run's own: nothing is written before this check
+    check_compatible(with_legacy_defaults(payload["metadata"]["config"]), to_dict(cfg), keys,
+                     str(run_config) if run_config.is_file() else "runs/<run>/config.yaml")
     state = payload["state"]
     for name, comp in comps.items():
         if name == "guard" and name not in state:
@@ -351,6 +395,12 @@ def write_samples(ema, tr: Trainables, cfg: Config, run_dir: Path, state: TrainS
     tracker.log_artifact(path, "samples")
 
 
+class EvalNotReady(ConfigError):
+    """eval.* asks for what this machine lacks (a weights file, an extra). A ConfigError, since it
+    names eval keys, but exit code 1: the config itself may be right for another machine."""
+    exit_code = EXIT_ERROR
+
+
 def check_eval_ready(cfg: Config) -> None:
     """Periodic FID/KID with Inception needs its weights file, FRD its extra: fail now, not hours into the run."""
     ev = cfg.eval
@@ -359,13 +409,13 @@ def check_eval_ready(cfg: Config) -> None:
         try:
             resolve_inception_weights(ev.fid_weights)
         except MetricError as e:
-            raise ConfigError(f"eval.every_kimg > 0 needs FID weights: {e}") from None
+            raise EvalNotReady(f"eval.every_kimg > 0 needs FID weights: {e}") from None
     if ev.every_kimg > 0 and "frd" in ev.metrics:
         from dgan.metrics import MetricError, require_frd
         try:
             require_frd()
         except MetricError as e:
-            raise ConfigError(f"eval.metrics has frd: {e}") from None
+            raise EvalNotReady(f"eval.metrics has frd: {e}") from None
 
 
 def periodic_eval(cfg: Config, ema: EMA, tr: Trainables, state: TrainState, tracker: Tracker,
@@ -375,6 +425,7 @@ def periodic_eval(cfg: Config, ema: EMA, tr: Trainables, state: TrainState, trac
     from dgan.evaluate import evaluate_generator
     from dgan.metrics import MetricError
     ev = cfg.eval
+    dist.print0(f"evaluating at step {state.step}: {ev.num_samples} samples, {ev.sampler} {ev.steps}")
     try:
         if cfg.model.task == "sr":  # SR vs bicubic PSNR/SSIM on held-out images (dgan.superres)
             from dgan.superres import periodic_sr_eval
@@ -392,7 +443,7 @@ def periodic_eval(cfg: Config, ema: EMA, tr: Trainables, state: TrainState, trac
     return m.get(ev.best_metric) if ev.best_metric else None
 
 
-def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
+def train(cfg: Config, plan: RunPlan, device: torch.device) -> int:
     # Handlers first: a preemption signal during the (possibly long) build must not kill the
     # process with the default action; it is acted on at the first step boundary instead.
     stop = StopFlag()
@@ -404,13 +455,18 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
     state = TrainState()
     guard = DHealthGuard(cfg.gan, tr, scheds[1])
     comps = build_components(tr, ema, scheds, state, guard)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=cfg.train.keep_last,
+    run_dir = plan.run_dir
+    ckpt = Checkpointer(run_dir / CHECKPOINTS, keep_last=cfg.train.keep_last,
                         best_metric=cfg.eval.best_metric, best_mode=cfg.eval.best_mode)
-    resume = resolve_resume(cfg.train.resume, ckpt.ckpt_dir)
-    if resume is not None:
-        restore_checkpoint(resume, comps, cfg, device)
+    if plan.resume is not None:
+        restore_checkpoint(plan.resume, comps, cfg, device)
         epoch, batch = data_position(data, state, cfg)
         dist.print0(f"data position: epoch {epoch}, batch {batch} of {data.batches_per_epoch} per rank")
+    # Only now, with the data built and the checkpoint loaded and checked against the config, is
+    # anything written: a failed start leaves no half-made run and keeps the run's config.yaml.
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     tracker = build_tracker(cfg, run_dir, state, data)
     global_batch = global_batch_size(cfg)
     # Counted in images, not steps: after a world-size change a step holds another number.
@@ -441,11 +497,13 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> int:
                         f"stopped with the last good weights in {ckpt.ckpt_dir}. Lower train.lr_g/lr_d, "
                         "use train.precision=bf16 instead of fp16, or tighten train.grad_clip_*")
             # -- Phase 5: samples and checkpoints -----------------------------------------
-            if crossed(before, state.images_seen, cfg.log.sample_every_kimg) or last:
-                write_samples(ema, tr, cfg, run_dir, state, tracker)
+            # Both are interruptible (StopFlag.run_phase): a signal during either saves within seconds.
+            if crossed(before, state.images_seen, cfg.log.sample_every_kimg) or last:  # rank 0 only
+                stop.run_phase(lambda: write_samples(ema, tr, cfg, run_dir, state, tracker))
             metric = None
             if cfg.eval.every_kimg > 0 and (crossed(before, state.images_seen, cfg.eval.every_kimg) or last):
-                metric = periodic_eval(cfg, ema, tr, state, tracker, device)
+                metric = stop.run_phase(lambda: periodic_eval(cfg, ema, tr, state, tracker, device),
+                                        interruptible=dist.get_world_size() == 1)
             due_time = (time.monotonic() - clock["ckpt"]) / 60 >= cfg.train.ckpt_every_min
             # One agreement per step: a signal seen by ANY rank (or its clock) stops/saves ALL ranks.
             stop_now, ctrl_c, due_time = dist.any_rank_flags(
@@ -486,19 +544,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     device = dist.init(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     try:
-        run_dir = make_run_dir(cfg, args.config)
-        if dist.is_main():
-            save_config(cfg, run_dir / "config.yaml")
-        return train(cfg, run_dir, device)
-    except (CheckpointError, ConfigError, DataError, FileNotFoundError, FloatingPointError) as e:
+        return train(cfg, plan_run(cfg, args.config), device)
+    except DganError as e:
+        return report(e)
+    except (FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     finally:
         dist.shutdown()
 

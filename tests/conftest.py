@@ -22,3 +22,11 @@ def tiny_overrides():
 
 def python_cmd(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's one tiny trained run (cli_helpers.tiny_run): read it, never write into it."""
+    from cli_helpers import tiny_run
+
+    return tiny_run(tmp_path_factory.getbasetemp() / "dgan-tiny-run")

@@ -173,10 +173,11 @@ def test_torchrun_two_ranks_gather_exactly_n_samples_equal_to_one_process(user_e
 
 
 def test_newest_run_is_the_default(checkpoint, tmp_path):
-    from dgan.evaluate import EvalError, find_checkpoint
+    from dgan.errors import DganError
+    from dgan.rundir import find_checkpoint
 
     root = tmp_path / "runs"
-    with pytest.raises(EvalError, match="no run with checkpoints"):
+    with pytest.raises(DganError, match="no run with checkpoints"):
         find_checkpoint(None, None, str(root))
     paths = {}
     for name in ("a", "b"):

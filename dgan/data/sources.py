@@ -25,6 +25,8 @@ from typing import Iterator, Optional, Union
 import cv2
 import numpy as np
 
+from dgan.errors import DganError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -32,7 +34,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DEFAULT_PATIENT_REGEX = r"(?i)(?:patient|pat|subject|sub|case)[-_ ]?([A-Za-z0-9]+)"
 
 
-class DataError(ValueError):
+class DataError(DganError, ValueError):
     """A data problem the user must fix; the message names the path and the fix, on one line."""
 
 
@@ -415,7 +417,7 @@ def read_npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images [N,H,W] or [N,H,W,C] and int64 labels [N] of one split of a MedMNIST-style npz."""
     if not path.is_file():
         raise DataError(f"npz file not found: {path} (set data.path to a MedMNIST-style .npz)")
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         key = f"{split}_images"
         if key not in data.files:
             have = sorted({k.rsplit("_", 1)[0] for k in data.files if k.endswith("_images")})
@@ -431,8 +433,20 @@ def read_npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
+def open_npz(path: Path):
+    """np.load of an .npz, with a file that is not one (or holds pickled objects) as one DataError line."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path} is not a readable .npz of arrays ({str(e).splitlines()[0][:120]}); "
+                        "set data.path to a MedMNIST-style .npz") from None
+    if not hasattr(data, "files"):  # a plain .npy passed as data.path
+        raise DataError(f"{path} is a single .npy array, not an .npz of named splits; set data.path to a .npz")
+    return data
+
+
 def npz_splits(path: Path) -> list[str]:
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         return [s for s in ("train", "val", "test") if f"{s}_images" in data.files]
 
 

@@ -10,11 +10,12 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import Tensor, nn
 
+from dgan.errors import DganError
 from dgan.models.adanorm import NormCondition, batchnorm_to_groupnorm, num_groups
 from dgan.models.embeddings import ClassEmbedding, TimeEmbedding
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(DganError, RuntimeError):
     """Pretrained encoder weights could not be obtained or do not fit the encoder."""
 
 

@@ -1,0 +1,32 @@
+"""The one base class of dgan's user-facing errors, and the exit codes the CLIs document.
+
+Every CLI catches `DganError` once, prints its message (one line that says what is wrong and how
+to fix it) and exits with `err.exit_code`: 2 for a bad command line or config (nothing was
+started), 1 for anything else. The subclasses live beside the code that raises them (ConfigError
+in config.py, CheckpointError in checkpoint.py, ...); each also keeps the builtin base it had
+(ValueError or RuntimeError), so older `except ValueError` callers still catch it.
+"""
+from __future__ import annotations
+
+import sys
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class DganError(Exception):
+    """A problem the user can fix; the message is one line that says how."""
+    exit_code = EXIT_ERROR
+    label = "error"  # how report() introduces it
+
+
+class UsageError(DganError, ValueError):
+    """A bad command line or config value: exit code 2, nothing was started."""
+    exit_code = EXIT_USAGE
+
+
+def report(err: DganError, prog: str = "") -> int:
+    """Print `[prog: ]<label>: <message>` on stderr, as one line, and return the exit code to use."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"{prog + ': ' if prog else ''}{err.label}: {message}", file=sys.stderr, flush=True)
+    return err.exit_code
