@@ -255,6 +255,17 @@ def test_bad_inputs_are_skipped_counted_and_reported(tmp_path, capsys):
     assert "skipped: 3" in out and "empty.png" in out and "garbage.png" in out and "notes.txt" in out
 
 
+def test_cli_fails_when_every_input_was_skipped(tmp_path, capsys):
+    # issue 11, bug 7: exit 0 after writing 0 images
+    src = tmp_path / "input"
+    src.mkdir()
+    (src / "empty.png").write_bytes(b"")
+    (src / "garbage.png").write_bytes(b"not a png")
+    assert shards_main(["--input", str(src), "--output", str(tmp_path / "out"), "--resolution", "8"]) == 1
+    captured = capsys.readouterr()
+    assert "skipped: 2" in captured.out and "no image was written" in captured.err
+
+
 def test_cli_refuses_output_inside_input_and_existing_output(tmp_path, capsys):
     src = tmp_path / "input"
     src.mkdir()

@@ -496,6 +496,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(result.manifest, result.out_dir)))
+    written = sum(info["count"] for info in result.manifest["splits"].values())
+    if written == 0:  # a dataset of nothing is a failure, whatever was skipped on the way
+        print(f"error: no image was written to {result.out_dir}: every input was skipped (reasons above); "
+              "fix the inputs or the options and convert again into an empty --output", file=sys.stderr)
+        return 1
     return 0
 
 
