@@ -255,6 +255,22 @@ def test_bad_inputs_are_skipped_counted_and_reported(tmp_path, capsys):
     assert "skipped: 3" in out and "empty.png" in out and "garbage.png" in out and "notes.txt" in out
 
 
+def test_colour_images_in_a_grayscale_set_are_named_not_converted_silently(tmp_path, capsys):
+    # issue 11, bug 7: an RGB image in a grayscale folder was converted without a word
+    src = tmp_path / "input"
+    src.mkdir()
+    grey = np.full((8, 8, 3), 90, np.uint8)  # grey stored as RGB: nothing is lost, nothing to say
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[..., 0] = 200
+    Image.fromarray(grey).save(src / "grey.png")
+    Image.fromarray(colour).save(src / "red.png")
+    assert shards_main(["--input", str(src), "--output", str(tmp_path / "out"), "--resolution", "8"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["colour_to_gray"] == ["red.png"]
+    out = capsys.readouterr().out
+    assert "converted to grayscale: 1 colour image(s)" in out and "red.png" in out
+
+
 def test_cli_fails_when_every_input_was_skipped(tmp_path, capsys):
     # issue 11, bug 7: exit 0 after writing 0 images
     src = tmp_path / "input"

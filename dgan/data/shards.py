@@ -67,6 +67,13 @@ class SplitStats:
     shards: dict[str, int] = field(default_factory=dict)     # shard file name -> samples
     patients: set = field(default_factory=set)
     bit_depths: Counter = field(default_factory=Counter)
+    colour_to_gray: list[str] = field(default_factory=list)  # sources whose colour was dropped
+
+
+def has_colour(image: np.ndarray) -> bool:
+    """True for an H x W x (3|4) image whose R, G and B differ somewhere (not grey stored as RGB)."""
+    return image.ndim == 3 and image.shape[2] >= 3 and not (
+        np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2]))
 
 
 @dataclass
@@ -105,6 +112,8 @@ def _write_split(split: str, records: Iterable[Union[Record, Skipped]], tmp_dir:
             if isinstance(rec, Skipped):
                 skipped.append({"split": split, "reason": rec.reason, "source": rec.source, "detail": rec.detail})
                 continue
+            if channels == 1 and has_colour(rec.image):  # said in the manifest and the summary, never silent
+                stats.colour_to_gray.append(rec.meta.source)
             try:
                 stored = letterbox_resize(to_stored(rec.image, channels), resolution)
             except DataError as exn:
@@ -178,6 +187,7 @@ def _manifest(stats: dict[str, SplitStats], tmp_dir: Path, digest: str, *, resol
         "resolution": resolution, "channels": channels, "classes": classes,
         "splits": splits, "source": source,
         "skipped": dict(Counter(s["reason"] for s in skipped)), "skipped_files": skipped,
+        "colour_to_gray": [src for st in stats.values() for src in st.colour_to_gray],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
     }
 
@@ -478,6 +488,10 @@ def summary_lines(manifest: dict, out_dir: Path) -> list[str]:
     lines.append(f"  skipped: {total_skipped}" + (" (" + ", ".join(f"{r}: {n}" for r, n in
                                                                    sorted(manifest["skipped"].items())) + ")"
                                                    if total_skipped else ""))
+    colour = manifest.get("colour_to_gray", [])
+    if colour:
+        lines.append(f"  converted to grayscale: {len(colour)} colour image(s) in a 1-channel set, e.g. "
+                     f"{', '.join(colour[:3])}; pass --channels 3 to keep colour")
     ignored = manifest["source"].get("ignored_files", [])
     if ignored:
         lines.append(f"  not images, ignored: {len(ignored)} file(s), e.g. {', '.join(ignored[:3])}")
