@@ -21,7 +21,7 @@ LABEL_PX = 14
 def load_grid(run: Path, arm: str, sampling: str) -> Image.Image:
     if arm != "real":
         return Image.open(run / f"grid-{arm}-{sampling}.png").convert("L")
-    from dgan.sample import save_grid
+    from dgan.generation import save_grid
 
     ref = torch.load(run / "data.pt", weights_only=True)["ref_images"][:64].float() / 127.5 - 1.0
     path = run / "grid-real.png"

@@ -239,7 +239,7 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 
 def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int) -> torch.Tensor:
     from dgan.diffusion import Diffusion
-    from dgan.evaluate import generate_indices, initial_noise
+    from dgan.generation import generate_indices, initial_noise
     from dgan.train import build_models
 
     state = torch.load(out / f"{arm}.pt", weights_only=True)
@@ -259,7 +259,7 @@ def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, step
 
 
 def phase_sample(args: argparse.Namespace, out: Path) -> None:
-    from dgan.sample import save_grid
+    from dgan.generation import save_grid
 
     p = PRESETS[args.preset]
     for arm in args.arms:

@@ -25,20 +25,19 @@ import json
 import math
 import os
 import pickle
-import random
 import re
 import shutil
 import uuid
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from dgan.errors import DganError
+from dgan import __version__
+from dgan.errors import DganError, one_line
 
 SCHEMA_VERSION = 1
 
@@ -49,7 +48,6 @@ _TMP_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
 _REQUIRED_KEYS = ("schema_version", "metadata", "state")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip format; dgan never writes the legacy format
 _UNSAFE_GLOBAL_RE = re.compile(r"GLOBAL (\S+) was not an allowed global|module (\S+) is blocked")
-_MISSING = object()
 # Generic on purpose: sample and evaluate have no --resume; dgan.train adds its own fallback hint.
 _FIX_HINT = "pass another checkpoint"
 
@@ -138,11 +136,6 @@ def _atomic_link_or_copy(src: Path, final: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:
     if mmap:
         try:
@@ -172,14 +165,14 @@ def _read_raw(path: Path, map_location: Any, mmap: bool) -> Any:
         return _torch_load(path, map_location, mmap)
     except pickle.UnpicklingError as e:
         found = _UNSAFE_GLOBAL_RE.search(str(e))
-        what = (found.group(1) or found.group(2)) if found else _one_line(e, 80)
+        what = (found.group(1) or found.group(2)) if found else one_line(e, 80)
         raise CheckpointError(
             f"{path} was NOT loaded: it contains arbitrary code/objects ({what}) that "
             "torch.load(weights_only=True) refuses; dgan never writes these, so do not trust this file"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({_one_line(e, 100)}); {_FIX_HINT}"
+            f"checkpoint {path} is truncated or corrupt ({one_line(e, 100)}); {_FIX_HINT}"
         ) from e
 
 
@@ -236,17 +229,7 @@ def _find_unloadable(obj: Any, where: str) -> str | None:
 
 
 def _dgan_version() -> str:
-    try:
-        import dgan
-
-        version = getattr(dgan, "__version__", None)
-        if version:
-            return str(version)
-        from importlib.metadata import version as dist_version
-
-        return dist_version("dgan")
-    except Exception:  # noqa: BLE001 - a source checkout without metadata is normal
-        return "unknown"
+    return str(__version__) or "unknown"
 
 
 # --------------------------------------------------------------------------- the checkpointer
@@ -350,7 +333,7 @@ class Checkpointer:
             best = json.loads(path.read_text(encoding="utf-8"))
             value = float(best["value"])
         except (ValueError, KeyError, TypeError, OSError) as e:
-            warnings.warn(f"ignoring unreadable {path} ({_one_line(e, 80)}); the next metric becomes best")
+            warnings.warn(f"ignoring unreadable {path} ({one_line(e, 80)}); the next metric becomes best")
             return None
         if best.get("metric") != self.best_metric or best.get("mode") != self.best_mode:
             warnings.warn(
@@ -411,127 +394,3 @@ def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> Path | None:
             f"--resume {path}: no such checkpoint; pass an existing ckpt-*.pt or --resume auto"
         )
     return path
-
-
-# --------------------------------------------------------------------------- RNG state
-
-
-def capture_rng_state(device: torch.device | None = None) -> dict:
-    """Python, numpy, torch and (if present) CUDA RNG states, all loadable with weights_only=True."""
-    name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        # A tuple of ints (and None) round-trips through the weights_only unpickler unchanged.
-        "python": random.getstate(),
-        # numpy's key is an ndarray, which weights_only refuses; int64 holds every uint32 exactly.
-        "numpy": {"bit_generator": name, "key": torch.from_numpy(key.astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        index = device.index if device is not None and device.type == "cuda" else None
-        state["cuda"] = torch.cuda.get_rng_state(index if index is not None else "cuda")
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any], device: torch.device | None = None) -> None:
-    """Inverse of capture_rng_state. A saved CUDA state is ignored when resuming on CPU."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))  # tolerate lists from other serialisers
-    np_state = state["numpy"]
-    key = np.asarray(torch.as_tensor(np_state["key"]).cpu().numpy(), dtype=np.uint32)
-    np.random.set_state((np_state["bit_generator"], key, int(np_state["pos"]),
-                         int(np_state["has_gauss"]), float(np_state["cached_gaussian"])))
-    torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        index = device.index if device is not None and device.type == "cuda" else None
-        torch.cuda.set_rng_state(torch.as_tensor(state["cuda"]).cpu(), index if index is not None else "cuda")
-
-
-# --------------------------------------------------------------------------- compatibility
-
-
-def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-def _normalise(value: Any) -> Any:
-    # YAML gives lists, dataclasses.asdict may give tuples: [1, 2] and (1, 2) are the same config.
-    if isinstance(value, (list, tuple)):
-        return [_normalise(v) for v in value]
-    return value
-
-
-def _fmt(value: Any) -> str:
-    if value is _MISSING:
-        return "<not set>"
-    if isinstance(value, list):
-        return json.dumps(value, separators=(",", ":"))  # no spaces: pastes as one shell word
-    return "null" if value is None else str(value)
-
-
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], keys: list[str],
-                     saved_config: str = "runs/<run>/config.yaml") -> None:
-    """Raise one CheckpointError listing every dotted key whose value differs between configs."""
-    mismatches, overrides = [], []
-    for key in keys:
-        old, new = _normalise(_lookup(saved, key)), _normalise(_lookup(current, key))
-        if old is _MISSING and new is _MISSING or old == new:
-            continue
-        mismatches.append(f"{key}: checkpoint has {_fmt(old)}, config has {_fmt(new)}")
-        if old is not _MISSING:
-            overrides.append(f"{key}={_fmt(old)}")
-    if mismatches:
-        hint = f" or the overrides {' '.join(overrides)}" if overrides else ""
-        raise CheckpointError(
-            "checkpoint does not match the config: " + "; ".join(mismatches)
-            + f" -- pass the checkpoint's config (--config {saved_config}){hint}"
-        )
-
-
-_SIZE_RE = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
-                      r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
-
-
-def _summarise_keys(label: str, line: str) -> str:
-    keys = re.findall(r'"([^"]+)"', line)
-    more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-    return f"{label} {', '.join(keys[:3])}{more}"
-
-
-def _summarise_load_error(message: str) -> str:
-    parts, sizes = [], []
-    for raw in message.splitlines()[1:]:
-        line = raw.strip()
-        size = _SIZE_RE.search(line)
-        if size:
-            sizes.append(f"{size.group(1)} is {size.group(2)} in the checkpoint but {size.group(3)} in the model")
-        elif line.startswith("Missing key(s)"):
-            parts.append(_summarise_keys("missing keys", line))
-        elif line.startswith("Unexpected key(s)"):
-            parts.append(_summarise_keys("unexpected keys", line))
-            if re.search(r'"(module|_orig_mod)\.', line):
-                parts.append("keys carry a DDP/compile prefix: save the unwrapped module")
-        elif line:
-            parts.append(_one_line(RuntimeError(line), 120))
-    if sizes:
-        more = f" (+{len(sizes) - 3} more size mismatches)" if len(sizes) > 3 else ""
-        parts.insert(0, "; ".join(sizes[:3]) + more)
-    return "; ".join(parts) or _one_line(RuntimeError(message))
-
-
-def load_state_dict_strict(module: torch.nn.Module, sd: Mapping[str, Any], what: str, path: str | Path) -> None:
-    """module.load_state_dict(strict=True), with key/shape errors as one line naming `what` and `path`."""
-    try:
-        module.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        if "Error(s) in loading state_dict" not in str(e):
-            raise
-        raise CheckpointError(
-            f"{what} in {path} does not fit the model: {_summarise_load_error(str(e))} -- the checkpoint "
-            "was made with another model config; pass its config (--config runs/<run>/config.yaml)"
-        ) from None

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from dgan.errors import DganError
+from dgan.errors import UsageError, report
 from dgan.tracking import default_tracking_uri, format_value, import_mlflow
 
 # Metrics shown whenever a run has them, with the direction that is better.
@@ -34,7 +34,7 @@ NOT_COMPARED = frozenset({"checkpoint", "run_dir", "log.run_name"})
 MISSING = "-"
 
 
-class CompareError(DganError, RuntimeError):
+class CompareError(UsageError):
     """A user-facing problem (no store, no experiment, no matching run): one line."""
 
 
@@ -243,8 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rows = compare_runs(uri, args.experiment, args.metric, args.mode, args.runs)
     except CompareError as err:
-        print(f"dgan.compare: error: {err}", file=sys.stderr)
-        return 2
+        return report(err, "dgan.compare")
     if not rows:
         print(f"dgan.compare: error: experiment {args.experiment!r} has no runs",
               file=sys.stderr)

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
 import yaml
 
+from dgan.diffusion import SAMPLERS, make_betas
 from dgan.errors import UsageError
 
 
@@ -166,7 +168,7 @@ class EvalConfig:
     """Periodic evaluation during training (python -m dgan.evaluate does the full version)."""
     every_kimg: float = 0.0                   # 0 = off
     num_samples: int = 500                    # small: this runs inside training
-    sampler: Literal["ddim", "ddpm", "dpmpp2m"] = "ddim"
+    sampler: Literal[SAMPLERS] = "ddim"
     steps: int = 50
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid"])  # fid, kid, psnr, ssim, frd
     best_metric: Optional[str] = None         # e.g. "fid": keep checkpoints/ckpt-best.pt by it
@@ -394,10 +396,6 @@ def _require_terminal_noise(d: "DiffusionConfig") -> None:
     then never sees pure noise, sampling starts from it, and the samples are grey mush. Fail early."""
     if d.schedule != "linear" or not 0 < d.beta_start < d.beta_end < 1 or d.num_steps < 2:
         return  # cosine ends at alpha_bar ~ 0; bad betas get their own message
-    import torch
-
-    from dgan.diffusion import make_betas
-
     abar_T = float(torch.prod(1.0 - make_betas("linear", d.num_steps, d.beta_start, d.beta_end)))
     _require(abar_T <= MAX_TERMINAL_ALPHA_BAR, "diffusion.beta_end",
              f"{d.beta_end} with num_steps={d.num_steps} leaves alpha_bar={abar_T:.3g} at the last step "

@@ -244,7 +244,7 @@ class Diffusion:
             raise ValueError("give either shape or x_T")
         return _randn(shape, generator, torch.device(device) if device is not None else self.device)
 
-    def _denoise(self, model_fn: ModelFn, x: torch.Tensor, t: int, clip_x0: bool
+    def denoise(self, model_fn: ModelFn, x: torch.Tensor, t: int, clip_x0: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model at timestep t; return (x0_hat, eps_hat), consistent with each other.
 
@@ -257,6 +257,20 @@ class Diffusion:
             # re-derive eps so the DDIM update stays on the line through x_t and the clipped x0
             eps = (x - math.sqrt(abar) * x0) / math.sqrt(1.0 - abar)
         return x0, eps
+
+    def ddim_step(self, x0: torch.Tensor, eps: torch.Tensor, t: int, t_next: Optional[int], *,
+                  eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """One DDIM update (Song et al. 2021, eq. 12) from timestep t to t_next (None: clean data),
+        given the model's (x0, eps) at t (from `denoise`); eta scales the fresh noise. Public so
+        that samplers built around it (RePaint in dgan.inpaint) make exactly this update."""
+        abar, abar_next = self._abar(t), self._abar(t_next)
+        sigma = eta * math.sqrt((1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next))
+        # max(): rounding can push the remainder a hair below zero when eta = 1
+        dir_coef = math.sqrt(max(1.0 - abar_next - sigma ** 2, 0.0))
+        x = math.sqrt(abar_next) * x0 + dir_coef * eps
+        if sigma > 0.0:
+            x = x + sigma * _randn(x.shape, generator, x.device)
+        return x
 
     @staticmethod
     def _t_tensor(t: Optional[int], x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -281,7 +295,7 @@ class Diffusion:
         """
         x = self._initial_noise(shape, x_T, generator, device)
         for i, t in enumerate(range(self.num_steps - 1, -1, -1)):
-            x0, _ = self._denoise(model_fn, x, t, clip_x0)
+            x0, _ = self.denoise(model_fn, x, t, clip_x0)
             abar, abar_prev = self._abar(t), self._abar(t - 1 if t > 0 else None)
             beta = 1.0 - abar / abar_prev
             coef_x0 = beta * math.sqrt(abar_prev) / (1.0 - abar)
@@ -317,14 +331,8 @@ class Diffusion:
         ts = self.timesteps_for(steps).tolist()
         for i, t in enumerate(ts):
             t_next = ts[i + 1] if i + 1 < len(ts) else None
-            x0, eps = self._denoise(model_fn, x, t, clip_x0)
-            abar, abar_next = self._abar(t), self._abar(t_next)
-            sigma = eta * math.sqrt((1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next))
-            # max(): rounding can push the remainder a hair below zero when eta = 1
-            dir_coef = math.sqrt(max(1.0 - abar_next - sigma ** 2, 0.0))
-            x = math.sqrt(abar_next) * x0 + dir_coef * eps
-            if sigma > 0.0:
-                x = x + sigma * _randn(x.shape, generator, x.device)
+            x0, eps = self.denoise(model_fn, x, t, clip_x0)
+            x = self.ddim_step(x0, eps, t, t_next, eta=eta, generator=generator)
             if step_hook is not None:
                 x = step_hook(x, self._t_tensor(t_next, x))
             if callback is not None:
@@ -361,7 +369,7 @@ class Diffusion:
         h_prev = 0.0
         for i, t in enumerate(ts):
             t_next = ts[i + 1] if i + 1 < len(ts) else None
-            x0, _ = self._denoise(model_fn, x, t, clip_x0)
+            x0, _ = self.denoise(model_fn, x, t, clip_x0)
             if t_next is None:
                 x = x0
             else:

@@ -9,13 +9,16 @@ import datetime
 import functools
 import inspect
 import os
+import pickle
 import sys
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+T = TypeVar("T")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -127,6 +130,29 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Collective: rank 0 runs fn() and every rank gets its result, or raises its exception.
+
+    For rank-0-only work (finding a checkpoint, writing a report) whose failure must stop every
+    rank: an exception that stayed on rank 0 would leave the others waiting in their next
+    collective for ever. An exception that cannot be pickled reaches the others as a RuntimeError.
+    """
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    if get_world_size() > 1:
+        try:
+            result, error = broadcast_object((result, error))
+        except (TypeError, AttributeError, pickle.PicklingError):
+            result, error = broadcast_object((None, RuntimeError(f"rank 0 failed: {error}")))
+    if error is not None:
+        raise error
+    return result
 
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -3,7 +3,8 @@
 Every CLI catches `DganError` once, prints its message (one line that says what is wrong and how
 to fix it) and exits with `err.exit_code`: 2 for a bad command line or config (nothing was
 started), 1 for anything else. The subclasses live beside the code that raises them (ConfigError
-in config.py, CheckpointError in checkpoint.py, ...); each also keeps the builtin base it had
+in config.py, CheckpointError in checkpoint.py, ...; EvalError is here because generation,
+reference and the tasks all raise it); each also keeps the builtin base it had
 (ValueError or RuntimeError), so older `except ValueError` callers still catch it.
 """
 from __future__ import annotations
@@ -25,8 +26,18 @@ class UsageError(DganError, ValueError):
     exit_code = EXIT_USAGE
 
 
+class EvalError(DganError, RuntimeError):
+    """A user-facing evaluation problem; the message is one line that says what to do.
+    Here, not in evaluate.py: generation, the reference set and the tasks raise it too."""
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line, cut to `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def report(err: DganError, prog: str = "") -> int:
     """Print `[prog: ]<label>: <message>` on stderr, as one line, and return the exit code to use."""
-    message = " ".join(str(err).split()) or type(err).__name__
-    print(f"{prog + ': ' if prog else ''}{err.label}: {message}", file=sys.stderr, flush=True)
+    print(f"{prog + ': ' if prog else ''}{err.label}: {one_line(err, 2000)}", file=sys.stderr, flush=True)
     return err.exit_code

@@ -41,9 +41,7 @@ run's MLflow record, at step = the checkpoint's step.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -52,51 +50,33 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-# Offline first (DESIGN.md); set before anything that could reach a hub is imported.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dgan.errors import DganError, report  # noqa: E402
-from dgan.config import int_list_arg  # noqa: E402
-
+from dgan import __version__  # noqa: E402
 from dgan import distributed as dist  # noqa: E402
+from dgan.checkpoint import load_checkpoint  # noqa: E402
+from dgan.config import int_list_arg  # noqa: E402
+from dgan.diffusion import SAMPLERS  # noqa: E402
+from dgan.errors import DganError, EvalError, report  # noqa: E402
+from dgan.generation import generate_distributed, guided_model_fn, load_generator, save_grid  # noqa: E402
+from dgan.inpaint import add_inpaint_args, run_inpaint_task  # noqa: E402
+from dgan.reference import (LABEL_SHIFT_WARNING, REFERENCES, EvalResult, conditioning_labels,  # noqa: E402
+                            load_reference, reference_cache_key, reference_info, reference_split)
 from dgan.rundir import find_checkpoint  # noqa: E402
 from dgan.runinfo import file_sha256  # noqa: E402
+from dgan.seeding import Stream, derive_seed  # noqa: E402
+from dgan.superres import run_sr_task  # noqa: E402
+from dgan.tracking import RUN_STATUSES, Tracker, default_tracking_uri, format_value, import_mlflow  # noqa: E402
 
 METRICS = ("fid", "kid", "psnr", "ssim", "frd")
 # Without a metric flag. FRD is opt-in: it needs the optional `frd` extra (PyRadiomics).
 DEFAULT_METRICS = ("fid", "kid", "psnr", "ssim")
 SAMPLE_METRICS = {"fid", "kid", "frd"}  # scored on generated samples, so they need a generation
-SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
-REFERENCES = ("val", "train")
 TASKS = ("generate", "inpaint", "sr")  # --task: what is scored; generate is FID/KID/PSNR/SSIM of samples
 DEFAULT_TASK_IMAGES = 16  # --task inpaint/sr: held-out images, small enough for a CPU run
 DEFAULT_T_VALUES = (50, 100, 250, 500)
 DEFAULT_RECON_IMAGES = 1000
 GRID_IMAGES = 64
-# Seed-derivation tags: each random stream gets its own, so no two streams can coincide.
-_TAG_INITIAL_NOISE, _TAG_STEP_NOISE, _TAG_RECON_NOISE = 0, 1, 2
-LABEL_SHIFT_WARNING = (
-    "reference is the npz 'val' split: in the shared PneumoniaMNIST copy its label mix differs from "
-    "train (74% vs 90% pneumonia, mean pixel 145.1 vs 147.0), so FID/KID also measure that shift, "
-    "not only sample quality; for quality numbers use --reference train (and say so)")
-
-
-class EvalError(DganError, RuntimeError):
-    """A user-facing evaluation problem; the message is one line that says what to do."""
-
-
-@dataclasses.dataclass
-class EvalResult:
-    """What one evaluation produced. ``samples`` (uint8, index order) is set on rank 0 only."""
-
-    metrics: dict[str, float]
-    info: dict[str, Any]
-    samples: Optional[torch.Tensor] = None
-    sample_ranks: Optional[torch.Tensor] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,123 +84,9 @@ class EvalResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from non-negative ints; SeedSequence mixes them so nearby tuples are unrelated."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
-    return int(state >> np.uint64(1))
-
-
-def initial_noise(indices: Sequence[int], seed: int, shape: Sequence[int]) -> torch.Tensor:
-    """x_T for the given sample indices, on the CPU: sample i's noise depends on (seed, i) only."""
-    out = torch.empty((len(indices), *shape))
-    for row, index in enumerate(indices):
-        gen = torch.Generator().manual_seed(derive_seed(seed, _TAG_INITIAL_NOISE, index))
-        out[row] = torch.randn(tuple(shape), generator=gen)
-    return out
-
-
-def rank_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
-    """This rank's disjoint share of 0..N-1 (i % world_size == rank); together they cover each once."""
-    return list(range(rank, num_samples, world_size))
-
-
-@torch.no_grad()
-def generate_indices(G: torch.nn.Module, diffusion, indices: Sequence[int], *, sampler: str, steps: int,
-                     seed: int, channels: int, image_size: int, num_classes: int, batch_size: int,
-                     device: torch.device, guidance: float = 1.0) -> torch.Tensor:
-    """Samples (float [-1, 1], CPU) for the given indices, in that order, from the EMA generator.
-    Conditional models: sample i has label i % num_classes, drawn with classifier-free `guidance`."""
-    from dgan.sample import guided_model_fn
-
-    shape = (channels, image_size, image_size)
-    out = [torch.empty((0, *shape))]
-    was_training = G.training
-    G.eval()
-    try:
-        for start in range(0, len(indices), batch_size):
-            chunk = list(indices[start:start + batch_size])
-            x_T = initial_noise(chunk, seed, shape).to(device)
-            labels = torch.tensor(chunk, device=device) % num_classes if num_classes > 0 else None
-            # DDPM draws fresh noise at every step; its stream is seeded by the batch's first index.
-            step_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, _TAG_STEP_NOISE, chunk[0]))
-            x = diffusion.sample(guided_model_fn(G, labels, guidance), sampler, x_T=x_T, steps=steps,
-                                 generator=step_gen)
-            out.append(x.cpu())
-    finally:
-        G.train(was_training)
-    return torch.cat(out)
-
-
-def gather_in_order(indices: Sequence[int], images: torch.Tensor,
-                    num_samples: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Collective. Rank 0 gets (exactly N images in index order, the rank that made each); others None.
-
-    Raises when the gathered indices are not exactly 0..N-1 once each: a duplicate or a gap would
-    silently bias FID/KID.
-    """
-    parts = dist.all_gather_object((list(indices), images))
-    if not dist.is_main():
-        return None, None
-    gathered = [i for part_indices, _ in parts for i in part_indices]
-    if sorted(gathered) != list(range(num_samples)):
-        raise EvalError(f"gathered {len(gathered)} sample indices ({len(set(gathered))} distinct), "
-                        f"expected exactly 0..{num_samples - 1}")
-    ranks = torch.tensor([rank for rank, (part, _) in enumerate(parts) for _ in part], dtype=torch.int64)
-    order = torch.tensor(gathered, dtype=torch.int64).argsort()
-    return torch.cat([part_images for _, part_images in parts])[order], ranks[order]
-
-
-def generate_distributed(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, sampler: str, steps: int,
-                         seed: int, batch_size: int, device: torch.device,
-                         guidance: float = 1.0) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Collective: every rank generates its share; rank 0 gets N uint8 samples (and their ranks)."""
-    from dgan.metrics import to_uint8
-
-    mine = rank_indices(num_samples, dist.get_rank(), dist.get_world_size())
-    x = generate_indices(G, diffusion, mine, sampler=sampler, steps=steps, seed=seed,
-                         channels=cfg.model.channels, image_size=cfg.model.image_size,
-                         num_classes=cfg.model.num_classes, batch_size=batch_size, device=device,
-                         guidance=guidance)
-    # uint8 before the gather: a quarter of the bytes, and exactly what FID/KID score.
-    return gather_in_order(mine, to_uint8(x), num_samples)
-
-
 # --------------------------------------------------------------------------------------------------
 # Reference images and reconstruction metrics
 # --------------------------------------------------------------------------------------------------
-
-
-def reference_split(cfg, reference: str) -> str:
-    """The data split behind --reference: for npz, 'train' means the split the run trained on."""
-    if reference not in REFERENCES:
-        raise EvalError(f"--reference {reference!r}: use one of {', '.join(REFERENCES)}")
-    if reference == "train" and cfg.data.source == "npz":
-        return cfg.data.split
-    return reference
-
-
-def load_reference(cfg, reference: str, max_images: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference images (float [-1, 1]) and labels, preprocessed like the training data."""
-    from dgan.data import build_eval_images
-
-    images, labels = build_eval_images(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
-                                       split=reference_split(cfg, reference), max_images=max_images)
-    if images.shape[0] < 2:
-        raise EvalError(f"reference split {reference!r} has {images.shape[0]} image(s); FID/KID need at least 2")
-    return images, labels
-
-
-def reference_cache_key(cfg, reference: str, images: torch.Tensor) -> str:
-    """Cache key of the reference statistics: the shard manifest hash where there is one, else the bytes."""
-    digest = None
-    pattern = {"val": cfg.data.val_shards, "train": cfg.data.shards}[reference]
-    if cfg.data.source == "shards" and pattern:
-        from dgan.data.shards import resolve_shards
-
-        digest = str(resolve_shards(pattern).manifest.get("hash", ""))[:16] or None
-    if digest is None:
-        digest = hashlib.blake2b(images.contiguous().numpy().tobytes(), digest_size=8).hexdigest()
-    return f"{cfg.data.source}_{reference}_{digest}"
 
 
 @torch.no_grad()
@@ -228,8 +94,7 @@ def reconstruction_metrics(G: torch.nn.Module, diffusion, x0: torch.Tensor, labe
                            t_values: Sequence[int], *, seed: int, batch_size: int,
                            device: torch.device) -> dict[str, float]:
     """PSNR/SSIM of one-step x0 predictions from q(x0, t), per t: {"psnr_t50": ..., "ssim_t50": ...}."""
-    from dgan.metrics import psnr_ssim
-    from dgan.sample import guided_model_fn
+    from dgan.metrics import psnr_ssim  # torch-fidelity: slow to import
 
     out: dict[str, float] = {}
     was_training = G.training
@@ -237,7 +102,7 @@ def reconstruction_metrics(G: torch.nn.Module, diffusion, x0: torch.Tensor, labe
     try:
         for t in t_values:
             # All of eps at once from one generator: the numbers do not depend on batch_size.
-            gen = torch.Generator().manual_seed(derive_seed(seed, _TAG_RECON_NOISE, t))
+            gen = torch.Generator().manual_seed(derive_seed(seed, Stream.RECON_NOISE, t))
             eps = torch.randn(x0.shape, generator=gen)
             preds = []
             for start in range(0, x0.shape[0], batch_size):
@@ -254,14 +119,6 @@ def reconstruction_metrics(G: torch.nn.Module, diffusion, x0: torch.Tensor, labe
     return out
 
 
-def _conditioning_labels(cfg, labels: torch.Tensor) -> Optional[torch.Tensor]:
-    """Reference labels for a conditional G when they fit its classes; else unconditional (None)."""
-    k = cfg.model.num_classes
-    if k > 0 and labels.numel() and int(labels.min()) >= 0 and int(labels.max()) < k:
-        return labels
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # The evaluation itself (used by the CLI and, for periodic evaluation, by the trainer)
 # --------------------------------------------------------------------------------------------------
@@ -274,7 +131,7 @@ def check_request(metrics: Iterable[str], *, sampler: str, steps: int, num_sampl
     Raises EvalError, or MetricError for missing Inception weights or a missing `frd` extra: nothing is
     downloaded, so this is where an offline run without them stops, before a long generation.
     """
-    from dgan.metrics import INCEPTION, resolve_inception_weights
+    from dgan.metrics import INCEPTION, resolve_inception_weights  # torch-fidelity: slow to import
 
     chosen = set(metrics)
     if not chosen or chosen - set(METRICS):
@@ -290,7 +147,7 @@ def check_request(metrics: Iterable[str], *, sampler: str, steps: int, num_sampl
             top = num_steps - 1 if num_steps is not None else "T-1"
             raise EvalError(f"--t-values {list(t_values)}: need timesteps in 0..{top}")
     if "frd" in chosen:
-        from dgan.metrics import require_frd
+        from dgan.metrics import require_frd  # torch-fidelity: slow to import
 
         require_frd()  # MetricError with the install command when the optional extra is missing
     if chosen & SAMPLE_METRICS and num_samples < 2:
@@ -303,16 +160,6 @@ def check_request(metrics: Iterable[str], *, sampler: str, steps: int, num_sampl
             raise EvalError(f"--feature-extractor {path}: no such file (a TorchScript module, uint8 NxCxHxW -> NxD)")
         return {"name": "torchscript", "path": str(path.resolve()), "sha256": file_sha256(path)}
     return {"name": INCEPTION, "path": str(resolve_inception_weights(fid_weights))}
-
-
-def _reference_info(cfg, reference: str, count: int, cache_key: Optional[str]) -> dict[str, Any]:
-    info = {"split": reference_split(cfg, reference), "requested": reference, "source": cfg.data.source,
-            "num_images": count, "cache_key": cache_key}
-    if cfg.data.source == "npz":
-        info["path"] = cfg.data.path
-    if cfg.data.source == "npz" and reference == "val":
-        info["warning"] = LABEL_SHIFT_WARNING
-    return info
 
 
 def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, sampler: str, steps: int, seed: int,
@@ -332,42 +179,48 @@ def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, samp
     want_fid = bool(chosen & {"fid", "kid"})
     scores: dict[str, float] = {}
     info: dict[str, Any] = {}
-    if dist.is_main():  # fail on data problems before the long generation
-        real, labels = load_reference(cfg, reference, reference_images)
-        key = reference_cache_key(cfg, reference, real) if want_fid else None
-        info["reference"] = _reference_info(cfg, reference, real.shape[0], key)
+    ref: dict[str, Any] = {}  # rank 0's reference images, kept out of the broadcasts
+
+    def load_and_reconstruct() -> None:  # rank 0, before the long generation: data problems fail now
+        ref["real"], ref["labels"] = real, labels = load_reference(cfg, reference, reference_images)
+        ref["key"] = reference_cache_key(cfg, reference, real) if want_fid else None
+        info["reference"] = reference_info(cfg, reference, real.shape[0], ref["key"])
         if chosen & {"psnr", "ssim"}:
             n = min(recon_images, real.shape[0])
-            recon = reconstruction_metrics(G, diffusion, real[:n], _conditioning_labels(cfg, labels[:n]), t_values,
+            recon = reconstruction_metrics(G, diffusion, real[:n], conditioning_labels(cfg, labels[:n]), t_values,
                                            seed=seed, batch_size=batch_size, device=device)
             scores.update({k: v for k, v in recon.items() if k.split("_t")[0] in chosen})
             info["reference"]["recon_images"] = n
+    dist.on_main(load_and_reconstruct)  # an error on rank 0 stops every rank
     samples = ranks = None
     clock = time.perf_counter()
     if chosen & SAMPLE_METRICS:
         samples, ranks = generate_distributed(G, diffusion, cfg, num_samples=num_samples, sampler=sampler,
                                               steps=steps, seed=seed, batch_size=batch_size, device=device,
                                               guidance=guidance)
-    info["generation_s"] = round(time.perf_counter() - clock, 3)
-    if dist.is_main() and want_fid:
-        scores.update(_fid_kid(real, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg, device,
-                               batch_size))
-        if per_class:
-            for c in range(cfg.model.num_classes):
+    info.update(generation_s=round(time.perf_counter() - clock, 3), extractor=extractor,
+                world_size=dist.get_world_size())
+
+    def score() -> tuple[dict[str, float], dict[str, Any]]:  # rank 0, which holds the samples
+        real, labels, key = ref["real"], ref["labels"], ref["key"]
+        if want_fid:
+            scores.update(_fid_kid(real, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg, device,
+                                   batch_size))
+            for c in range(cfg.model.num_classes if per_class else 0):
                 scores.update(_class_fid_kid(c, real, labels, samples, chosen, extractor_path, fid_weights,
                                              cache_dir, key, cfg, device, batch_size))
-    if dist.is_main() and "frd" in chosen:
-        from dgan.metrics import frd, to_uint8
+        if "frd" in chosen:
+            from dgan.metrics import frd, to_uint8  # torch-fidelity: slow to import
 
-        scores["frd"] = frd(to_uint8(real), samples)  # the reference first: FRD z-scores against it
-    info.update(extractor=extractor, world_size=dist.get_world_size())
-    scores, info = dist.broadcast_object((scores, info))
+            scores["frd"] = frd(to_uint8(real), samples)  # the reference first: FRD z-scores against it
+        return scores, info
+    scores, info = dist.on_main(score)  # every rank gets the numbers, or rank 0's error
     return EvalResult(metrics=scores, info=info, samples=samples, sample_ranks=ranks)
 
 
 def _fid_kid(real, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg, device,
              batch_size) -> dict[str, float]:
-    from dgan.metrics import fid_kid, to_uint8
+    from dgan.metrics import fid_kid, to_uint8  # torch-fidelity: slow to import
 
     cache = Path(cache_dir) if cache_dir is not None else Path(cfg.log.root) / ".cache" / "fid"
     out = fid_kid(to_uint8(real), samples, extractor_path=extractor_path, fid_weights=fid_weights,
@@ -415,8 +268,6 @@ def evaluate_generator(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, 
 
 def checkpoint_record(path: Path) -> dict[str, Any]:
     """Step, images seen and the training run's MLflow id, from the checkpoint's trainer state."""
-    from dgan.checkpoint import load_checkpoint
-
     payload = load_checkpoint(path)
     trainer = payload["state"].get("trainer", {})
     step = int(payload["metadata"].get("step", trainer.get("step", 0)))
@@ -428,8 +279,6 @@ def _mlflow_status(uri: str, run_id: Optional[str]) -> Optional[str]:
     """The run's status, or None when there is no such run in the store."""
     if run_id is None:
         return None
-    from dgan.tracking import import_mlflow
-
     mlflow = import_mlflow()
     try:
         return mlflow.tracking.MlflowClient(tracking_uri=uri).get_run(run_id).info.status
@@ -440,8 +289,6 @@ def _mlflow_status(uri: str, run_id: Optional[str]) -> Optional[str]:
 def open_training_run(cfg, run_dir: Path, run_id: Optional[str]):
     """(Tracker on the training run, its status before we touched it). Without that run in the store,
     Tracker starts a linked evaluation run instead (tagged with the run dir)."""
-    from dgan.tracking import Tracker, default_tracking_uri
-
     uri = cfg.log.tracking_uri or default_tracking_uri(run_dir.parent)  # the store next to the run dirs
     before = _mlflow_status(uri, run_id)
     tracker = Tracker(enabled=True, root=run_dir.parent, experiment=cfg.log.experiment,
@@ -452,8 +299,6 @@ def open_training_run(cfg, run_dir: Path, run_id: Optional[str]):
 
 def close_training_run(tracker, before: Optional[str]) -> None:
     # Reopening marks the run RUNNING; put back what it was. A run still training stays RUNNING.
-    from dgan.tracking import RUN_STATUSES
-
     if before is None:
         tracker.close("FINISHED")
     elif before in RUN_STATUSES:
@@ -463,8 +308,6 @@ def close_training_run(tracker, before: Optional[str]) -> None:
 def build_report(result: EvalResult, args: argparse.Namespace, record: dict, run_dir: Path,
                  diffusion, chosen: Sequence[str], mlflow_run_id: Optional[str]) -> dict[str, Any]:
     """The JSON written to <run>/eval/eval-<step>.json."""
-    from dgan import __version__
-
     return {
         "metrics": result.metrics,
         "checkpoint": {k: record[k] for k in ("path", "step", "images_seen")},
@@ -497,8 +340,6 @@ def _write_json(path: Path, data: dict) -> None:
 def write_outputs(result: EvalResult, args: argparse.Namespace, record: dict, run_dir: Path, cfg, diffusion,
                   chosen: Sequence[str]) -> dict[str, Any]:
     """Rank 0: grid, optional sample dump, MLflow, JSON. Returns the report."""
-    from dgan.sample import save_grid
-
     step = record["step"]
     eval_dir = run_dir / "eval"
     grid = None
@@ -531,8 +372,6 @@ def write_outputs(result: EvalResult, args: argparse.Namespace, record: dict, ru
 def print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from dgan.tracking import format_value
 
     console = Console()
     if not console.is_terminal:
@@ -598,8 +437,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="generate: score samples (default); inpaint: RePaint PSNR/SSIM inside a mask; sr")
     p.add_argument("--task-images", type=int, default=DEFAULT_TASK_IMAGES,
                    help="--task inpaint/sr: score the first N held-out images of --reference")
-    from dgan.inpaint import add_inpaint_args
-
     add_inpaint_args(p, mask_file=False)  # --mask-type box|brush --jump-length --jump-n-sample
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -608,25 +445,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.device) -> int:
-    from dgan.sample import load_generator
-
     # Rank 0 decides: a checkpoint written meanwhile must not make ranks evaluate different files.
-    located = find_checkpoint(args.run, args.checkpoint, args.root) if dist.is_main() else None
-    ckpt, run_dir = dist.broadcast_object(located)
+    # Its rank-0-only work goes through dist.on_main, so a failure there stops every rank.
+    ckpt, run_dir = dist.on_main(lambda: find_checkpoint(args.run, args.checkpoint, args.root))
     G, cfg, diffusion, _ = load_generator(ckpt, device)
-    record = checkpoint_record(ckpt) if dist.is_main() else None
-    if dist.is_main():
-        print(f"dgan.evaluate: {', '.join(chosen)} of {ckpt} (step {record['step']}) on "
-              f"{dist.get_world_size()} rank(s), reference split {reference_split(cfg, args.reference)}", flush=True)
-        if cfg.data.source == "npz" and args.reference == "val":
-            print(f"dgan.evaluate: warning: {LABEL_SHIFT_WARNING}", file=sys.stderr, flush=True)
+    record = dist.on_main(lambda: announce(ckpt, cfg, args, chosen))
     if args.task == "inpaint":
-        from dgan.inpaint import run_inpaint_task
-
         result = run_inpaint_task(G, diffusion, cfg, args, device)
     elif args.task == "sr" or cfg.model.task == "sr":  # an SR checkpoint is only scored against bicubic
-        from dgan.superres import run_sr_task
-
         result = run_sr_task(G, diffusion, cfg, args, device)
     else:
         result = run_evaluation(G, diffusion, cfg, num_samples=args.num_samples, sampler=args.sampler,
@@ -636,10 +462,19 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
                                 recon_images=args.recon_images, reference_images=args.reference_images,
                                 cache_dir=run_dir.parent / ".cache" / "fid", guidance=args.guidance,
                                 per_class=args.per_class)
-    if dist.is_main():
-        print_report(write_outputs(result, args, record, run_dir, cfg, diffusion, chosen))
-    dist.barrier()  # the other ranks leave only once the results are on disk
+    # the other ranks leave only once the results are on disk (on_main is collective)
+    dist.on_main(lambda: print_report(write_outputs(result, args, record, run_dir, cfg, diffusion, chosen)))
     return 0
+
+
+def announce(ckpt: Path, cfg, args: argparse.Namespace, chosen: list[str]) -> dict[str, Any]:
+    """Rank 0: the checkpoint's record, and one line saying what is evaluated against what."""
+    record = checkpoint_record(ckpt)
+    print(f"dgan.evaluate: {', '.join(chosen)} of {ckpt} (step {record['step']}) on "
+          f"{dist.get_world_size()} rank(s), reference split {reference_split(cfg, args.reference)}", flush=True)
+    if cfg.data.source == "npz" and args.reference == "val":
+        print(f"dgan.evaluate: warning: {LABEL_SHIFT_WARNING}", file=sys.stderr, flush=True)
+    return record
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -28,16 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from dgan import distributed as dist
 from dgan.diffusion import Diffusion, ModelFn, StepHook
-from dgan.errors import UsageError
+from dgan.errors import EvalError, UsageError
+from dgan.generation import guided_model_fn, save_grid, save_image
+from dgan.reference import EvalResult, conditioning_labels, load_reference, reference_info
 from dgan.rundir import output_dir
+from dgan.seeding import Stream, derive_seed
 
 MASK_TYPES = ("box", "brush")
 INPAINT_SAMPLERS = ("ddim", "ddpm")
 DEFAULT_JUMP_LENGTH = 10
 DEFAULT_JUMP_N_SAMPLE = 10
-# Seed-derivation tags for dgan.evaluate.derive_seed: one per random stream.
-_TAG_MASK, _TAG_SAMPLING = 11, 12
 # Two aspect ratios this close are "the same" (integer image sizes round the ratio a little).
 _ASPECT_TOLERANCE = 0.02
 
@@ -128,7 +130,7 @@ def mask_from_array(raw: np.ndarray, image_hw: Sequence[int], image_size: int, w
     """
     import cv2
 
-    from dgan.data.sources import letterbox_resize
+    from dgan.data.sources import letterbox_resize  # cv2/pydicom/nibabel: slow to import
 
     if raw.ndim == 3:
         raw = raw[:, :, :3] if raw.shape[2] >= 3 else raw[:, :, :1]  # drop alpha: transparency is not "hole"
@@ -203,18 +205,13 @@ def denoise_step(diffusion: Diffusion, model_fn: ModelFn, x: torch.Tensor, t: in
     """One sampler update from timestep t to t_next (None: clean), as Diffusion's samplers make it:
     x0 is predicted and clipped to [-1, 1], then DDPM draws from q_posterior (one-step grid) and DDIM
     moves along the (x0, eps) line with eta-scaled fresh noise."""
-    t_batch = _t_batch(t, x)
-    x0 = diffusion.model_x0(x, t_batch, model_fn(x, t_batch)).clamp(-1.0, 1.0)
+    x0, eps = diffusion.denoise(model_fn, x, t, clip_x0=True)
     if sampler == "ddpm":
-        mean, variance, _ = diffusion.q_posterior(x0, x, t_batch)
+        mean, variance, _ = diffusion.q_posterior(x0, x, _t_batch(t, x))
         return mean if t_next is None else mean + variance.sqrt() * _noise_like(x, generator)
     if t_next is None:
         return x0
-    eps = diffusion.predict_eps(x, t_batch, x0)  # consistent with the clipped x0, as in ddim_sample
-    abar, abar_next = _abar(diffusion, t), _abar(diffusion, t_next)
-    sigma = eta * math.sqrt((1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next))
-    x = math.sqrt(abar_next) * x0 + math.sqrt(max(1.0 - abar_next - sigma ** 2, 0.0)) * eps
-    return x + sigma * _noise_like(x, generator) if sigma > 0.0 else x
+    return diffusion.ddim_step(x0, eps, t, t_next, eta=eta, generator=generator)
 
 
 def paste_hook(diffusion: Diffusion, x0_known: torch.Tensor, mask: torch.Tensor,
@@ -239,7 +236,6 @@ def _as_model_fn(model: torch.nn.Module | ModelFn, labels: torch.Tensor | None,
     """A generator module goes through sample.guided_model_fn (labels, classifier-free guidance);
     a plain eps function (an analytic oracle in tests) is used as it is."""
     if isinstance(model, torch.nn.Module):
-        from dgan.sample import guided_model_fn
 
         return guided_model_fn(model, labels, guidance)
     if labels is not None:
@@ -349,15 +345,14 @@ def evaluate_inpainting(G: torch.nn.Module | ModelFn, diffusion: Diffusion, imag
     inpaint_psnr/ssim, the same for the mean-fill baseline (inpaint_baseline_*), the mean hole fraction,
     and "results", the inpainted images (CPU). Batch b's noise is seeded by (seed, its first index).
     """
-    from dgan.evaluate import derive_seed
 
     size = images.shape[-2:]
-    masks = torch.stack([torch.from_numpy(make_mask(mask_type, size, derive_seed(seed, _TAG_MASK, i)))
+    masks = torch.stack([torch.from_numpy(make_mask(mask_type, size, derive_seed(seed, Stream.MASK, i)))
                          for i in range(images.shape[0])]).unsqueeze(1)
     results = []
     for start in range(0, images.shape[0], batch_size):
         stop = min(start + batch_size, images.shape[0])
-        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, _TAG_SAMPLING, start))
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, Stream.INPAINT_NOISE, start))
         y = None if labels is None else labels[start:stop].to(device)
         results.append(inpaint(G, diffusion, images[start:stop].to(device), masks[start:stop].to(device),
                                sampler=sampler, steps=steps, eta=eta, jump_length=jump_length,
@@ -373,15 +368,7 @@ def run_inpaint_task(G: torch.nn.Module, diffusion: Diffusion, cfg, args: argpar
                      device: torch.device):
     """python -m dgan.evaluate --task inpaint: rank 0 scores the first --task-images held-out images of
     --reference; every rank gets the metrics. Returns a dgan.evaluate.EvalResult."""
-    from dgan import distributed as dist
-    from dgan.evaluate import (
-        EvalError,
-        EvalResult,
-        _conditioning_labels,
-        _reference_info,
-        load_reference,
-    )
-    from dgan.metrics import to_uint8
+    from dgan.metrics import to_uint8  # torch-fidelity: slow to import
 
     try:  # on every rank, before rank 0 starts: a bad option must not leave the other ranks waiting
         _check_generate_model(cfg)
@@ -391,25 +378,24 @@ def run_inpaint_task(G: torch.nn.Module, diffusion: Diffusion, cfg, args: argpar
         jump_schedule(range(grid_len), args.jump_length, args.jump_n_sample)
     except (InpaintError, ValueError) as err:
         raise EvalError(str(err)) from None
-    metrics: dict[str, float] = {}
-    info: dict[str, Any] = {}
-    samples = None
+    kept: dict[str, Any] = {"samples": None}  # rank 0's results, kept out of the broadcast
     clock = time.perf_counter()
-    if dist.is_main():
+
+    def score() -> tuple[dict[str, float], dict[str, Any]]:  # rank 0; an error there stops every rank
         real, labels = load_reference(cfg, args.reference, args.task_images)
         scores = evaluate_inpainting(G, diffusion, real, mask_type=args.mask_type or "box", seed=args.seed,
-                                     labels=_conditioning_labels(cfg, labels), sampler=args.sampler,
+                                     labels=conditioning_labels(cfg, labels), sampler=args.sampler,
                                      steps=args.steps, jump_length=args.jump_length,
                                      jump_n_sample=args.jump_n_sample, batch_size=args.batch_size, device=device)
-        samples = to_uint8(scores.pop("results"))
-        metrics = scores
-        info["reference"] = _reference_info(cfg, args.reference, real.shape[0], None)
-        info["task"] = {"mask_type": args.mask_type or "box", "jump_length": args.jump_length,
-                           "jump_n_sample": args.jump_n_sample, "baseline": "mean of the known pixels"}
+        kept["samples"] = to_uint8(scores.pop("results"))
+        info = {"reference": reference_info(cfg, args.reference, real.shape[0], None),
+                "task": {"mask_type": args.mask_type or "box", "jump_length": args.jump_length,
+                         "jump_n_sample": args.jump_n_sample, "baseline": "mean of the known pixels"}}
+        return scores, info
+    metrics, info = dist.on_main(score)
     info.update(generation_s=round(time.perf_counter() - clock, 3), extractor={"name": None},
                 world_size=dist.get_world_size())
-    metrics, info = dist.broadcast_object((metrics, info))
-    return EvalResult(metrics=metrics, info=info, samples=samples)
+    return EvalResult(metrics=metrics, info=info, samples=kept["samples"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,7 +419,7 @@ def add_inpaint_args(p: argparse.ArgumentParser, *, mask_file: bool) -> None:
 
 def _first_record(path: Path, what: str, channels: int):
     """The first image record of a file through dgan.data.sources (the readers training data uses)."""
-    from dgan.data.sources import DataError, ReadOptions, Record, discover, read_item
+    from dgan.data.sources import DataError, ReadOptions, Record, discover, read_item  # cv2/pydicom/nibabel: slow to import
 
     if not path.is_file():
         raise InpaintError(f"{what} {path}: no such file")
@@ -453,8 +439,8 @@ def read_input_image(path: Path, channels: int, image_size: int) -> tuple[torch.
     """(1 x C x S x S image in [-1, 1], bit depth, original (H, W)), preprocessed like training data:
     stored dtype and channels, letterboxed and resized to S, scaled to [-1, 1]. A volume (NIfTI,
     multi-frame DICOM) gives its first usable slice."""
-    from dgan.data.loader import collate
-    from dgan.data.sources import DataError, letterbox_resize, to_stored
+    from dgan.data.loader import collate  # albumentations/webdataset: slow to import
+    from dgan.data.sources import DataError, letterbox_resize, to_stored  # cv2/pydicom/nibabel: slow to import
 
     record = _first_record(Path(path), "--inpaint", channels)
     try:
@@ -485,7 +471,6 @@ def _write_outputs(out: Path, image: torch.Tensor, mask: np.ndarray, results: to
     """input.png, mask.png (white = generated), inpainted-K.png and strip.png (input | masked | results)."""
     from PIL import Image
 
-    from dgan.sample import save_grid, save_image
 
     out.mkdir(parents=True, exist_ok=True)
     save_image(image[0], out / "input.png", bit_depth=bit_depth)

@@ -13,7 +13,11 @@ run folder and never overwrites a run's config.yaml with one that does not fit i
 """
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,7 +25,7 @@ from typing import Optional
 from dgan import distributed as dist
 from dgan.checkpoint import CheckpointError, Checkpointer
 from dgan.config import Config
-from dgan.errors import DganError, UsageError
+from dgan.errors import UsageError
 
 CHECKPOINTS = "checkpoints"
 
@@ -126,17 +130,35 @@ def _plan(cfg: Config, config_path: Optional[str]) -> RunPlan:
     return RunPlan(run, None)
 
 
+LOCK_NAME = ".lock"
+
+
+def lock_run(run_dir: Path) -> Optional[int]:
+    """Take the run's lock (an flock on <run>/.lock) for this process's lifetime; return its file
+    descriptor, to be kept open. Two trainings in one run would overwrite each other's checkpoints.
+
+    The kernel drops the lock when the process dies, however it dies, so a preempted run never
+    leaves a stale lock for its requeued job. A filesystem without flock gets a warning, no lock.
+    """
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UsageError(f"{run_dir} is in use by another training ({holder}); wait for it to end, "
+                         "or start this one with another log.run_name") from None
+    except OSError as e:  # e.g. ENOLCK on an NFS mount without a lock daemon
+        warnings.warn(f"{run_dir}: cannot lock the run ({e.strerror}); do not start two trainings in it",
+                      stacklevel=2)
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd
+
+
 def plan_run(cfg: Config, config_path: Optional[str]) -> RunPlan:
     """Decide on rank 0 where the run lives and which checkpoint it resumes; share it with every
     rank. Writes nothing. An error on rank 0 is raised on every rank, so none is left waiting."""
-    plan: Optional[RunPlan] = None
-    error: Optional[DganError] = None
-    if dist.is_main():
-        try:
-            plan = _plan(cfg, config_path)
-        except DganError as e:
-            error = e
-    plan, error = dist.broadcast_object((plan, error))
-    if error is not None:
-        raise error
-    return plan
+    return dist.on_main(lambda: _plan(cfg, config_path))

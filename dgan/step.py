@@ -24,8 +24,8 @@ from dgan import distributed as dist
 from dgan.adaptive import AdaptiveT, diffuse, sample_tau
 from dgan.config import Config
 from dgan.diffusion import Diffusion
+from dgan.generation import sr_condition
 from dgan.losses import d_loss, diffusion_loss, g_adv_loss, r1_penalty
-from dgan.superres import sr_condition
 
 
 @dataclass

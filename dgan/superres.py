@@ -37,26 +37,16 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from dgan.errors import UsageError
+from dgan import distributed as dist
+from dgan.checkpoint import CheckpointError
+from dgan.errors import EvalError, UsageError
+from dgan.generation import guided_model_fn, initial_noise, make_lr, save_grid, save_image, upsample
+from dgan.reference import EvalResult, load_reference, reference_info
 from dgan.rundir import output_dir
+from dgan.seeding import Stream, derive_seed
 
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_STEPS = 50
-
-
-def make_lr(hr: torch.Tensor, scale: int) -> torch.Tensor:
-    """B x C x H x W HR images -> B x C x H/scale x W/scale LR by area averaging (see module doc)."""
-    return F.avg_pool2d(hr, kernel_size=scale, stride=scale)
-
-
-def upsample(lr: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic upsampling to size x size, clamped to the data range [-1, 1] (bicubic overshoots)."""
-    return F.interpolate(lr, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
-def sr_condition(hr: torch.Tensor, scale: int) -> torch.Tensor:
-    """The generator's condition for an HR batch: its LR, upsampled back to the HR size."""
-    return upsample(make_lr(hr, scale), hr.shape[-1])
 
 
 @torch.no_grad()
@@ -65,8 +55,6 @@ def super_resolve(G: torch.nn.Module, diffusion, lr: torch.Tensor, *, scale: int
     """SR images (float [-1, 1], CPU) for LR images B x C x h x w in [-1, 1], sampled with cond =
     the bicubic-upsampled LR. Image i starts from noise seeded by (seed, i) only, so a result does
     not depend on the batch size; the global RNG streams are not touched."""
-    from dgan.evaluate import derive_seed, initial_noise
-    from dgan.sample import guided_model_fn
 
     device = next(G.parameters()).device
     size = lr.shape[-1] * scale
@@ -83,7 +71,7 @@ def super_resolve(G: torch.nn.Module, diffusion, lr: torch.Tensor, *, scale: int
             x_T = diffusion.q_sample(cond, torch.full((cond.shape[0],), diffusion.num_steps - 1, device=device),
                                      noise)
             # step noise (ddpm, ddim with eta > 0): its own stream per batch, tag 1 as in dgan.evaluate
-            gen = torch.Generator(device=device).manual_seed(derive_seed(seed, 1, start))
+            gen = torch.Generator(device=device).manual_seed(derive_seed(seed, Stream.STEP_NOISE, start))
             kw = {"eta": eta} if sampler == "ddim" else {}
             x = diffusion.sample(guided_model_fn(G, None, 1.0, cond), sampler, x_T=x_T, steps=steps,
                                  generator=gen, **kw)
@@ -105,7 +93,7 @@ def evaluate_sr(G: torch.nn.Module, diffusion, hr_images: torch.Tensor, *, scale
 def scored_sr(G: torch.nn.Module, diffusion, hr_images: torch.Tensor, *, scale: int, **sampling
               ) -> tuple[dict[str, float], torch.Tensor]:
     """evaluate_sr's scores and the SR images themselves (for grids)."""
-    from dgan.metrics import psnr_ssim
+    from dgan.metrics import psnr_ssim  # torch-fidelity: slow to import
 
     lr = make_lr(hr_images, scale)
     sr = super_resolve(G, diffusion, lr, scale=scale, **sampling)
@@ -126,8 +114,7 @@ def comparison_rows(lr: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor | None 
 def preview_images(cfg, count: int) -> torch.Tensor:
     """Held-out HR images for training previews; the training images when there is no held-out set
     (e.g. shards without data.val_shards), so a preview never stops a run."""
-    from dgan.data import DataError
-    from dgan.evaluate import EvalError, load_reference
+    from dgan.data import DataError  # albumentations/webdataset: slow to import
 
     try:
         return load_reference(cfg, "val", count)[0]
@@ -153,10 +140,8 @@ def periodic_sr_eval(G: torch.nn.Module, diffusion, cfg) -> dict[str, float]:
     """Collective, for eval.every_kimg: rank 0 scores the first eval.num_samples images of
     eval.reference and every rank gets the same dict. Raises MetricError (on every rank, so none
     is left waiting) when the images cannot be had; the trainer then warns and goes on."""
-    from dgan import distributed as dist
-    from dgan.data import DataError
-    from dgan.evaluate import EvalError, load_reference
-    from dgan.metrics import MetricError
+    from dgan.data import DataError  # albumentations/webdataset: slow to import
+    from dgan.metrics import MetricError  # torch-fidelity: slow to import
 
     ev, scores, problem = cfg.eval, {}, None
     if dist.is_main():
@@ -179,33 +164,30 @@ def run_sr_task(G: torch.nn.Module, diffusion, cfg, args, device: torch.device):
     --reference (SR and bicubic vs HR); every rank gets the metrics. Returns a dgan.evaluate.EvalResult."""
     import time
 
-    from dgan import distributed as dist
-    from dgan.checkpoint import CheckpointError
-    from dgan.evaluate import EvalResult, _reference_info, load_reference
-    from dgan.metrics import to_uint8
+    from dgan.metrics import to_uint8  # torch-fidelity: slow to import
 
-    # CheckpointError, not EvalError: under `python -m dgan.evaluate` the CLI's EvalError is
-    # __main__.EvalError, another class than the dgan.evaluate.EvalError importable from here.
     if cfg.model.task != "sr":
         raise CheckpointError(f"--task sr needs a super-resolution checkpoint (model.task=sr); this one is "
                         f"model.task={cfg.model.task}")
     if args.task != "sr":
         raise CheckpointError(f"this is a x{cfg.model.sr_scale} super-resolution checkpoint (model.task=sr): "
                         "evaluate it with --task sr")
-    metrics, info, samples = {}, {}, None
+    kept: dict = {"samples": None}  # rank 0's SR images, kept out of the broadcast
     clock = time.perf_counter()
-    if dist.is_main():
+
+    def score() -> tuple[dict, dict]:  # rank 0; an error there stops every rank
         hr = load_reference(cfg, args.reference, args.task_images)[0]
         metrics, sr = scored_sr(G, diffusion, hr, scale=cfg.model.sr_scale, sampler=args.sampler,
                                 steps=args.steps, seed=args.seed, batch_size=args.batch_size)
-        samples = to_uint8(sr)
-        info["reference"] = _reference_info(cfg, args.reference, hr.shape[0], None)
-        info["task"] = {"scale": cfg.model.sr_scale, "degradation": "area downsample, bicubic upsample",
-                        "baseline": "bicubic upsampling of the same LR"}
+        kept["samples"] = to_uint8(sr)
+        info = {"reference": reference_info(cfg, args.reference, hr.shape[0], None),
+                "task": {"scale": cfg.model.sr_scale, "degradation": "area downsample, bicubic upsample",
+                         "baseline": "bicubic upsampling of the same LR"}}
+        return metrics, info
+    metrics, info = dist.on_main(score)
     info.update(generation_s=round(time.perf_counter() - clock, 3), extractor={"name": None},
                 world_size=dist.get_world_size())
-    metrics, info = dist.broadcast_object((metrics, info))
-    return EvalResult(metrics=metrics, info=info, samples=samples)
+    return EvalResult(metrics=metrics, info=info, samples=kept["samples"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -221,7 +203,7 @@ def read_lr_image(path: Path, channels: int) -> tuple[torch.Tensor, int]:
     exactly as dgan.data reads training images (8/16-bit PNG, JPG, TIFF; channels converted)."""
     import numpy as np
 
-    from dgan.data.loader import collate
+    from dgan.data.loader import collate  # albumentations/webdataset: slow to import
     from dgan.data.sources import (
         IMAGE_SUFFIXES,
         ReadOptions,
@@ -229,7 +211,7 @@ def read_lr_image(path: Path, channels: int) -> tuple[torch.Tensor, int]:
         SourceItem,
         read_image_file,
         to_stored,
-    )
+    )  # cv2/pydicom/nibabel: slow to import
 
     if not path.is_file():
         raise SRRequestError(f"--super-resolve {path}: no such file")
@@ -273,7 +255,6 @@ def super_resolve_cli(args, G: torch.nn.Module, cfg, diffusion, meta: dict) -> i
     """Writes <name>_sr.png and <name>_bicubic.png (16-bit where the input or the training data
     was) and <name>_strip.png (LR | bicubic | SR) per LR image. Exit 2 on a request that does not
     fit the checkpoint."""
-    from dgan.sample import save_grid, save_image
 
     try:
         check_request(cfg, args.super_resolve, args.scale, args.checkpoint)

@@ -18,28 +18,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
 from dgan import __version__  # noqa: E402
 from dgan import distributed as dist  # noqa: E402
 from dgan.adaptive import AdaptiveT  # noqa: E402
-from dgan.checkpoint import (CheckpointError, Checkpointer, CheckpointSchemaError, capture_rng_state,  # noqa: E402
-                             check_compatible, load_checkpoint, load_state_dict_strict, restore_rng_state)
+from dgan.checkpoint import CheckpointError, Checkpointer, CheckpointSchemaError, load_checkpoint  # noqa: E402
 from dgan.config import Config, ConfigError, load_config, save_config, to_dict, with_legacy_defaults  # noqa: E402
 from dgan.data import build_train_data  # noqa: E402
 from dgan.dguard import DHealthGuard  # noqa: E402
 from dgan.diffusion import Diffusion  # noqa: E402
 from dgan.ema import EMA  # noqa: E402
-from dgan.lr_schedule import build_lr_schedule  # noqa: E402
 from dgan.errors import EXIT_ERROR, DganError, report  # noqa: E402
+from dgan.evaluate import evaluate_generator  # noqa: E402
+from dgan.generation import generate, save_grid  # noqa: E402
+from dgan.lr_schedule import build_lr_schedule  # noqa: E402
 from dgan.models import Generator, PatchDiscriminator  # noqa: E402
-from dgan.rundir import CHECKPOINTS, RunPlan, home_of, plan_run  # noqa: E402
+from dgan.resume_state import (capture_rng_state, check_compatible, load_state_dict_strict,  # noqa: E402
+                               restore_rng_state)
+from dgan.rundir import CHECKPOINTS, RunPlan, home_of, lock_run, plan_run  # noqa: E402
 from dgan.runinfo import git_hash  # noqa: E402
-from dgan.sample import generate, save_grid  # noqa: E402
 from dgan.step import Trainables, train_step  # noqa: E402
+from dgan.superres import periodic_sr_eval, training_preview  # noqa: E402
 from dgan.tracking import Progress, Tracker, flatten  # noqa: E402
 
 T = TypeVar("T")
@@ -384,7 +385,6 @@ def write_samples(ema, tr: Trainables, cfg: Config, run_dir: Path, state: TrainS
         return
     nrow = None
     if cfg.model.task == "sr":  # unconditional samples mean nothing here: show LR | bicubic | SR | HR
-        from dgan.superres import training_preview
         x, nrow = training_preview(ema.module, tr.diffusion, cfg)
     else:
         x = generate(ema.module, tr.diffusion, n=cfg.log.num_samples, sampler="ddim", steps=cfg.log.sample_steps,
@@ -411,7 +411,7 @@ def check_eval_ready(cfg: Config) -> None:
         except MetricError as e:
             raise EvalNotReady(f"eval.every_kimg > 0 needs FID weights: {e}") from None
     if ev.every_kimg > 0 and "frd" in ev.metrics:
-        from dgan.metrics import MetricError, require_frd
+        from dgan.metrics import MetricError, require_frd  # torch-fidelity: slow to import
         try:
             require_frd()
         except MetricError as e:
@@ -422,13 +422,11 @@ def periodic_eval(cfg: Config, ema: EMA, tr: Trainables, state: TrainState, trac
                   device: torch.device) -> Optional[float]:
     """eval.every_kimg: every rank generates its share of a small sample set; all get the same
     numbers. Logged as eval/* over time; returns the best-metric value for the Checkpointer."""
-    from dgan.evaluate import evaluate_generator
-    from dgan.metrics import MetricError
+    from dgan.metrics import MetricError  # torch-fidelity: slow to import
     ev = cfg.eval
     dist.print0(f"evaluating at step {state.step}: {ev.num_samples} samples, {ev.sampler} {ev.steps}")
     try:
         if cfg.model.task == "sr":  # SR vs bicubic PSNR/SSIM on held-out images (dgan.superres)
-            from dgan.superres import periodic_sr_eval
             m = periodic_sr_eval(ema.module, tr.diffusion, cfg)
         else:
             m = evaluate_generator(ema.module, tr.diffusion, cfg, num_samples=ev.num_samples, sampler=ev.sampler,
@@ -464,9 +462,7 @@ def train(cfg: Config, plan: RunPlan, device: torch.device) -> int:
         dist.print0(f"data position: epoch {epoch}, batch {batch} of {data.batches_per_epoch} per rank")
     # Only now, with the data built and the checkpoint loaded and checked against the config, is
     # anything written: a failed start leaves no half-made run and keeps the run's config.yaml.
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    lock = claim_run_dir(cfg, run_dir)
     tracker = build_tracker(cfg, run_dir, state, data)
     global_batch = global_batch_size(cfg)
     # Counted in images, not steps: after a world-size change a step holds another number.
@@ -517,7 +513,21 @@ def train(cfg: Config, plan: RunPlan, device: torch.device) -> int:
                 report_stop(state, run_dir, exit_code)
                 break
     tracker.close(status)
+    if lock is not None:
+        os.close(lock)
     return exit_code
+
+
+def claim_run_dir(cfg: Config, run_dir: Path) -> Optional[int]:
+    """Rank 0 creates the run dir, locks it (rundir.lock_run) and writes config.yaml; a refusal
+    there stops every rank (dist.on_main). Returns the lock's fd on rank 0, None elsewhere."""
+    def claim() -> Optional[int]:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_run(run_dir)
+        save_config(cfg, run_dir / "config.yaml")  # after the lock: never over a running run's
+        return lock
+    lock = dist.on_main(claim)
+    return lock if dist.is_main() else None
 
 
 def report_stop(state: TrainState, run_dir: Path, exit_code: int) -> None:

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from dgan.config import int_list_arg  # noqa: E402
+from dgan.config import int_list_arg, load_config  # noqa: E402
+from dgan.diffusion import Diffusion  # noqa: E402
+from dgan.errors import EXIT_ERROR, DganError, report  # noqa: E402
+from dgan.generation import guided_model_fn, initial_noise, load_generator, save_grid  # noqa: E402
 
 FORWARD_T_VALUES = (0, 50, 100, 200, 400, 600, 800, 999)
 GRID_PADDING = 2  # dgan.sample.save_grid's padding, needed to place column labels
@@ -62,8 +62,7 @@ def add_header(path: Path, lines: Sequence[str], column_labels: Optional[Sequenc
 
 def forward_strip(cfg, *, n: int, t_values: Sequence[int], split: str, seed: int) -> torch.Tensor:
     """Images [n * len(t_values), C, H, W] in [-1, 1], row-major: image 0 at every t, then image 1, ..."""
-    from dgan.data import build_eval_images
-    from dgan.diffusion import Diffusion
+    from dgan.data import build_eval_images  # albumentations/webdataset: slow to import
 
     diffusion = Diffusion.from_config(cfg.diffusion)
     bad = [t for t in t_values if not 0 <= t < diffusion.num_steps]
@@ -82,7 +81,6 @@ def forward_strip(cfg, *, n: int, t_values: Sequence[int], split: str, seed: int
 
 
 def load_visualize_config(config: Optional[str], run: Optional[str], overrides: Sequence[str]):
-    from dgan.config import load_config
 
     if run is not None:
         path = Path(run) / "config.yaml"
@@ -93,7 +91,6 @@ def load_visualize_config(config: Optional[str], run: Optional[str], overrides: 
 
 
 def cmd_forward(args: argparse.Namespace) -> int:
-    from dgan.sample import save_grid
 
     cfg = load_visualize_config(args.config, args.run, args.overrides)
     x = forward_strip(cfg, n=args.n, t_values=args.t_values, split=args.split, seed=args.seed)
@@ -119,8 +116,6 @@ def _timed(fn) -> tuple[torch.Tensor, float]:
 def compare_samplers(G, diffusion, cfg, *, n: int, ddim_steps: int, seed: int,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(DDPM samples, DDIM samples, {"ddpm": {"steps", "seconds"}, "ddim": {...}}), same x_T for both."""
-    from dgan.evaluate import initial_noise
-    from dgan.sample import guided_model_fn
 
     m = cfg.model
     x_T = initial_noise(range(n), seed, (m.channels, m.image_size, m.image_size)).to(device)
@@ -136,7 +131,6 @@ def compare_samplers(G, diffusion, cfg, *, n: int, ddim_steps: int, seed: int,
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
-    from dgan.sample import load_generator, save_grid
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
@@ -198,15 +192,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from dgan.checkpoint import CheckpointError
-    from dgan.config import ConfigError
-    from dgan.data.sources import DataError
-
     try:
         return cmd_forward(args) if args.command == "forward" else cmd_samplers(args)
-    except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as err:
+    except DganError as err:
+        return report(err, "dgan.visualize")
+    except (FileNotFoundError, ValueError) as err:  # e.g. a --steps the sampler refuses
         print(f"dgan.visualize: error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

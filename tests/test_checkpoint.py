@@ -22,13 +22,10 @@ from dgan.checkpoint import (
     SCHEMA_VERSION,
     CheckpointError,
     Checkpointer,
-    capture_rng_state,
-    check_compatible,
     load_checkpoint,
-    load_state_dict_strict,
     resolve_resume,
-    restore_rng_state,
 )
+from dgan.resume_state import capture_rng_state, check_compatible, load_state_dict_strict, restore_rng_state
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

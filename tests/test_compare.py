@@ -12,6 +12,8 @@ from PIL import Image
 from dgan.compare import compare_runs, differing_params, main, summarize
 from dgan.tracking import Tracker, default_tracking_uri
 
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "compare-tests"
 SHARED = {"model": {"encoder": "resnet18", "image_size": 32}, "train": {"lr": 2e-4}}

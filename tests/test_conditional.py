@@ -18,6 +18,8 @@ from scipy.stats import wasserstein_distance
 from cli_helpers import TINY_TRAIN, run_cli
 from dgan.data.synthetic import make_phantoms
 
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
+
 NUM_IMAGES = 256
 STEPS = 300
 BATCH = 16
@@ -91,7 +93,7 @@ def test_evaluate_per_class_scores_each_class_against_its_own_references(conditi
 
     from dgan.checkpoint import load_checkpoint
     from dgan.config import config_from_dict
-    from dgan.evaluate import load_reference
+    from dgan.reference import load_reference
     from dgan.metrics import build_tiny_extractor, fid_kid, to_uint8
 
     ckpt, _, _ = conditional_run

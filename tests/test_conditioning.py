@@ -12,12 +12,15 @@ where the old G's x0 = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar) amplifies its
 (x0 MSE 0.99 at t = 950, against 0.12); at t <= 200 the two are within 25% of each other.
 Norm conditioning alone moves this number by 1-2% (see benchmarks/RESULTS.md).
 """
+import pytest
 import torch
 
 from dgan.config import load_config
 from dgan.data import build_train_data
 from dgan.data.synthetic import make_phantoms
 from dgan.train import TrainState, build_trainables, seed_everything, take_step
+
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 
 STEPS = 150
 BATCH = 16

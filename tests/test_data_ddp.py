@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from data_helpers import count_duplicates, write_index_shards
+
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,6 +21,8 @@ import torch
 from dgan import distributed as dist
 from dgan.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
+
 REPO = Path(__file__).resolve().parents[1]
 # The smallest real architecture (UNet++ + PatchGAN); 4 decoder widths for encoder_depth 4.
 TINY = ["model.decoder_channels=[32,16,16,8]", "model.time_dim=32", "model.d_channels=16",

@@ -78,6 +78,7 @@ def run(tmp_path, tiny_overrides, guard_on: bool, steps: int = 60, blow_up_at: i
     return history, guard
 
 
+@pytest.mark.slow  # 90 s of training on 2 cores
 def test_provoked_runaway_is_caught_and_recovers(tmp_path, tiny_overrides):
     unguarded, _ = run(tmp_path, tiny_overrides, guard_on=False)
     guarded, guard = run(tmp_path, tiny_overrides, guard_on=True)

@@ -17,6 +17,8 @@ from dgan.checkpoint import load_checkpoint
 
 from cli_helpers import REPO, run_cli, tiny_run
 
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
+
 SHARED_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
 EVAL = ["--num-samples", "8", "--sampler", "ddim", "--steps", "4", "--batch-size", "4", "--seed", "0",
         "--t-values", "10,50"]
@@ -41,7 +43,7 @@ def extractor(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint: Path):
-    from dgan.sample import load_generator
+    from dgan.generation import load_generator
 
     return load_generator(checkpoint, torch.device("cpu"))
 
@@ -142,7 +144,7 @@ def test_missing_inception_weights_fail_fast_without_download(run_dir, tmp_path)
 
 
 def test_torchrun_two_ranks_gather_exactly_n_samples_equal_to_one_process(user_eval, run_dir, loaded, tmp_path):
-    from dgan.evaluate import generate_indices
+    from dgan.generation import generate_indices
     from dgan.metrics import to_uint8
 
     # Same options as the single-process README run (batch size 1: CPU conv kernels round differently
@@ -192,7 +194,7 @@ def test_newest_run_is_the_default(checkpoint, tmp_path):
 
 
 def test_samples_do_not_depend_on_batch_size_or_rank_split(loaded):
-    from dgan.evaluate import generate_indices, initial_noise, rank_indices
+    from dgan.generation import generate_indices, initial_noise, rank_indices
 
     G, cfg, diffusion, _ = loaded
     # 10 steps, not 2: x0_hat at t=T-1 divides by sqrt(alpha_bar_T) ~ 0.007, which magnifies the kernels'
@@ -211,7 +213,8 @@ def test_samples_do_not_depend_on_batch_size_or_rank_split(loaded):
 
 
 def test_gather_refuses_duplicates_and_gaps():
-    from dgan.evaluate import EvalError, gather_in_order
+    from dgan.evaluate import EvalError
+    from dgan.generation import gather_in_order
 
     images = torch.arange(3, dtype=torch.uint8).view(3, 1, 1, 1)
     ordered, ranks = gather_in_order([2, 0, 1], images, 3)
@@ -271,7 +274,7 @@ def test_evaluate_generator_returns_only_the_requested_metrics(loaded, extractor
 
 def test_reference_split_and_label_shift_warning():
     from dgan.config import load_config
-    from dgan.evaluate import LABEL_SHIFT_WARNING, _reference_info, load_reference, reference_split
+    from dgan.reference import LABEL_SHIFT_WARNING, reference_info, load_reference, reference_split
 
     if not SHARED_NPZ.is_file():
         pytest.skip(f"{SHARED_NPZ} not present")
@@ -279,11 +282,11 @@ def test_reference_split_and_label_shift_warning():
     images, labels = load_reference(cfg, "val")
     assert images.shape == (524, 1, 32, 32) and labels.shape == (524,)
     assert -1.0 <= float(images.min()) and float(images.max()) <= 1.0
-    assert _reference_info(cfg, "val", 524, None)["warning"] == LABEL_SHIFT_WARNING
-    assert "warning" not in _reference_info(cfg, "train", 3882, None)
+    assert reference_info(cfg, "val", 524, None)["warning"] == LABEL_SHIFT_WARNING
+    assert "warning" not in reference_info(cfg, "train", 3882, None)
     assert reference_split(cfg, "train") == "train"
     phantoms = load_config(None, [])
-    assert "warning" not in _reference_info(phantoms, "val", 64, None)
+    assert "warning" not in reference_info(phantoms, "val", 64, None)
 
 
 def test_bad_requests_fail_before_any_work(extractor):

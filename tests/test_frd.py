@@ -16,6 +16,8 @@ from cli_helpers import REPO, run_cli, tiny_run
 
 from dgan.metrics import FRD_INSTALL, MetricError, frd
 
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
+
 SHARED_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
 SET_SIZE = 12  # images per set: FRD costs about 0.2 s per image on 2 shared cores
 
@@ -109,7 +111,7 @@ def test_cli_frd_goes_to_the_json_and_the_table(frd_installed, run_dir, tmp_path
 
 def test_evaluate_generator_computes_frd(frd_installed, run_dir):
     from dgan.evaluate import evaluate_generator
-    from dgan.sample import load_generator
+    from dgan.generation import load_generator
 
     checkpoint = max((run_dir / "checkpoints").glob("ckpt-0*.pt"))
     G, cfg, diffusion, _ = load_generator(checkpoint, torch.device("cpu"))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
+
 ROOT = Path(__file__).resolve().parents[1]
 FAKEBIN = Path(__file__).resolve().parent / "fakebin"
 TRAIN_SINGLE = ROOT / "launch" / "train_single_node.sh"

@@ -11,8 +11,10 @@ from scipy.stats import wasserstein_distance
 
 from dgan.config import load_config
 from dgan.data import build_train_data
-from dgan.sample import generate
+from dgan.generation import generate
 from dgan.train import TrainState, build_trainables, seed_everything, take_step
+
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 
 STEPS = 160
 

@@ -153,3 +153,38 @@ def test_a_signal_during_the_periodic_evaluation_saves_within_seconds(tmp_path):
     assert code == 75, (tmp_path / "stderr.txt").read_text()[-3000:]
     assert seconds < 10, seconds
     assert (tmp_path / "runs" / "r" / "checkpoints" / "ckpt-000000005.pt").is_file()
+
+
+def test_two_trainings_in_one_run_dir_are_refused(tmp_path):
+    # bug 7: two trainings with one log.run_name both wrote into the run dir, with no lock and no warning
+    import time
+
+    args = train_args(tmp_path / "runs", "train.total_kimg=50")  # long enough to be running
+    with open(tmp_path / "first.txt", "w") as out:
+        first = subprocess.Popen([sys.executable, "-m", "dgan.train", *args], cwd=tmp_path, env=cli_env(),
+                                 stdout=out, stderr=subprocess.STDOUT)
+        try:
+            config = tmp_path / "runs" / "r" / "config.yaml"
+            deadline = time.monotonic() + 120
+            while not config.exists() and first.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert config.exists(), (tmp_path / "first.txt").read_text()[-3000:]
+            written = config.read_bytes()
+            second = run_in(tmp_path, "dgan.train", *args[:-1], "train.total_kimg=0.02", "train.lr_g=0.0005")
+            line = one_line_error(second, 2)
+            assert "in use by another training" in line and f"pid {first.pid}" in line
+            assert config.read_bytes() == written  # the running run's config.yaml is untouched
+        finally:
+            first.kill()
+            first.wait()
+
+
+def test_a_rank0_error_in_evaluate_reaches_every_rank(tmp_path):
+    # bug 7: with several ranks, an exception in rank-0-only work left the other ranks waiting
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dgan.evaluate",
+           "--psnr", "--checkpoint", str(tmp_path / "no-such.pt"), "--no-mlflow",
+           "--out", str(tmp_path / "e.json")]
+    r = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "dgan.evaluate: error:" in line]
+    assert len(errors) == 2 and "no-such.pt" in errors[0], r.stderr[-3000:]  # found on rank 0, said by both

@@ -11,6 +11,8 @@ from PIL import Image
 from cli_helpers import run_cli
 from cli_helpers import tiny_run
 
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:

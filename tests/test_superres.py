@@ -14,7 +14,9 @@ from PIL import Image
 
 from dgan.checkpoint import Checkpointer, CheckpointError
 from dgan.config import ConfigError, load_config, to_dict
-from dgan.superres import make_lr, sr_condition, upsample
+from dgan.generation import make_lr, sr_condition, upsample
+
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 
 # conftest's tiny_overrides (a module-scoped run cannot use that function-scoped fixture), and SR.
 TINY = ["model.encoder=resnet18", "model.decoder_channels=[32,16,16,8]", "model.time_dim=32", "model.d_channels=16",
@@ -181,7 +183,7 @@ def test_non_sr_checkpoints_are_refused_clearly(tmp_path, capsys):
 
 def test_sr_checkpoint_loads_and_resumes_as_sr_only(sr_run):
     from dgan.config import Config, config_from_dict
-    from dgan.sample import generate, load_generator
+    from dgan.generation import generate, load_generator
     from dgan.train import (
         TrainState,
         build_components,

@@ -9,6 +9,8 @@ import pytest
 
 from dgan.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
+
 TINY = ["model.decoder_channels=[32,16,16,8]", "model.time_dim=32", "model.d_channels=16",
         "train.batch_size=4", "data.num_images=64", "log.num_samples=4", "log.sample_steps=4",
         "log.every_steps=5", "train.device=cpu"]

@@ -15,6 +15,8 @@ from dgan.visualize import FORWARD_T_VALUES, header_height
 from cli_helpers import run_cli
 from cli_helpers import tiny_run
 
+pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
+
 CELL = 32 + 2  # a 32 px image plus save_grid's 2 px padding
 
 

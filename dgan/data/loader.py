@@ -49,19 +49,13 @@ from dgan.data import shards as shard_io
 from dgan.data.sources import ChannelError, DataError, convert_channels, letterbox_resize, read_npz, to_stored
 from dgan.data.synthetic import PHANTOM_VERSION, eval_phantom_seed, make_phantoms
 from dgan.data.transforms import AugmentSettings, build_train_transform
+from dgan.seeding import Stream, derive_seed
 
 log = logging.getLogger("dgan.data")
 
 # distinct streams derived from the run seed
-TAG_ORDER, TAG_SLOT, TAG_SHUFFLE, TAG_AUG, TAG_OFFSET, TAG_TORCH = range(1, 7)
 MAX_LOGGED_SKIPS = 20
 CACHE_SHARD_SAMPLES = 256     # built-in caches: several shards, so shard mode works for a few ranks
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (order matters); independent streams for distinct tuples."""
-    state = np.random.SeedSequence([int(p) % (1 << 63) for p in parts]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def worker_batches(batches: int, workers: int, worker: int) -> int:
@@ -102,7 +96,7 @@ class LoaderPlan:
 def shard_order(plan: LoaderPlan, epoch: int) -> list[int]:
     """The epoch's shard order: identical on every rank, so all ranks agree on ownership."""
     order = list(range(len(plan.urls)))
-    random.Random(derive_seed(plan.seed, epoch, TAG_ORDER)).shuffle(order)
+    random.Random(derive_seed(plan.seed, Stream.DATA_ORDER, epoch)).shuffle(order)
     return order
 
 
@@ -127,7 +121,7 @@ def assign_shards(plan: LoaderPlan, epoch: int) -> Optional[list[int]]:
 def sample_owner_fn(plan: LoaderPlan, epoch: int):
     """Global sample index -> owning slot (or -1: this epoch's left-over), for sample mode."""
     total, batch, world, slots = plan.total, plan.batch_size, plan.world_size, plan.slots
-    offset = derive_seed(plan.seed, epoch, TAG_OFFSET) % total
+    offset = derive_seed(plan.seed, Stream.DATA_OFFSET, epoch) % total
     used_batches = plan.batches_per_epoch * world
 
     def owner(index: int) -> int:
@@ -159,7 +153,7 @@ def split_by_worker(src: Iterator[dict], *, plan: LoaderPlan, epoch: int, worker
         return
     index = {url: i for i, url in enumerate(plan.urls)}
     mine = [entry for entry in src if owner[index[entry["url"]]] % plan.slots == worker]
-    random.Random(derive_seed(plan.seed, epoch, plan.rank, worker, lap, TAG_SLOT)).shuffle(mine)
+    random.Random(derive_seed(plan.seed, Stream.DATA_SLOT, epoch, plan.rank, worker, lap)).shuffle(mine)
     yield from mine
 
 
@@ -280,13 +274,13 @@ def lap_dataset(plan: LoaderPlan, epoch: int, worker: int, lap: int, skips: Skip
         nodesplitter=partial(split_by_rank, plan=plan, epoch=epoch, owner=owner),
         workersplitter=partial(split_by_worker, plan=plan, epoch=epoch, worker=worker, lap=lap, owner=owner),
         handler=skips.handler, empty_check=False,
-        seed=derive_seed(plan.seed, epoch, TAG_ORDER),  # never the global RNG: keeps the trainer's RNG intact
+        seed=derive_seed(plan.seed, Stream.DATA_ORDER, epoch),  # never the global RNG: keeps the trainer's RNG intact
     )
     ds = ds.compose(partial(check_shard_counts, expected=dict(zip(plan.urls, plan.counts)), skips=skips))
     if plan.mode == "sample":
         ds = ds.compose(partial(own_samples, plan=plan, epoch=epoch, worker=worker))
     if plan.shuffle_buffer > 1:
-        rng = random.Random(derive_seed(plan.seed, epoch, plan.rank, worker, lap, TAG_SHUFFLE))
+        rng = random.Random(derive_seed(plan.seed, Stream.DATA_SHUFFLE, epoch, plan.rank, worker, lap))
         ds = ds.shuffle(plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=rng)
     return ds
 
@@ -332,7 +326,7 @@ class RankStream(torch.utils.data.IterableDataset):
                 continue
             images = [img for img, _ in chunk]
             if transform is not None:
-                transform.reseed(derive_seed(plan.seed, self.epoch, plan.rank, worker, index, TAG_AUG))
+                transform.reseed(derive_seed(plan.seed, Stream.DATA_AUG, self.epoch, plan.rank, worker, index))
                 images = [transform(img) for img in images]
             yield collate(images, [label for _, label in chunk]), skips.drain()
 
@@ -376,7 +370,7 @@ class TrainData:
         plan = self.plan
         # an explicit generator: the DataLoader would otherwise draw its base seed from the
         # global torch RNG and shift the trainer's random stream on every epoch or resume
-        generator = torch.Generator().manual_seed(derive_seed(plan.seed, epoch, plan.rank, TAG_TORCH))
+        generator = torch.Generator().manual_seed(derive_seed(plan.seed, Stream.DATA_TORCH, epoch, plan.rank))
         loader = wds.WebLoader(RankStream(plan, epoch, start_batch), batch_size=None, num_workers=plan.num_workers,
                                generator=generator, prefetch_factor=4 if plan.num_workers else None,
                                persistent_workers=False,

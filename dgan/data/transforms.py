@@ -13,14 +13,10 @@ produce anatomically impossible images; set data.hflip_p=0 for such data.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-
-# albumentations otherwise checks for updates over the network at import time
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ import inspect
 from pathlib import Path
 from typing import Sequence
 
-import segmentation_models_pytorch as smp
 import torch
 from torch import Tensor, nn
 
@@ -26,7 +25,11 @@ def _build_unet(
     decoder_channels: Sequence[int],
     in_channels: int,
     out_channels: int,
-) -> smp.UnetPlusPlus:
+) -> nn.Module:
+    # Imported here: smp pulls in timm (about a second), and the CLIs check their arguments, and
+    # evaluation its weights files, before any model is built.
+    import segmentation_models_pytorch as smp
+
     try:
         return smp.UnetPlusPlus(
             encoder_name=encoder,
