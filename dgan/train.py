@@ -2,9 +2,11 @@
 
 Builds everything with build_* functions, then runs the loop as labelled phases. The same
 code runs as one process or under torchrun (world size 1 is just a small world).
+--resume PATH takes a run folder, its checkpoints/ folder or a checkpoint file (dgan/rundir.py).
 
 Exit codes: 0 finished; 75 preempted (SIGTERM/SIGUSR1: a checkpoint was saved, requeue and
-`--resume auto`); 130 interrupted with Ctrl-C (checkpoint saved); 1 an error.
+`--resume auto`); 130 interrupted with Ctrl-C (checkpoint saved); 2 a bad config or command
+line, or a run that is in use or already has checkpoints (nothing was started); 1 an error.
 """
 from __future__ import annotations
 
@@ -542,7 +544,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dgan.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (see configs/); defaults give the CPU quick start")
-    p.add_argument("--resume", help="'auto' (newest valid checkpoint of the run) or a checkpoint path")
+    p.add_argument("--resume", help="'auto' (newest valid checkpoint of the run), or a run folder, its "
+                   "checkpoints/ folder or a checkpoint file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr_g=1e-4 model.encoder=resnet34")
     # intermixed: `a=b --resume auto c=d` works as well as options first
     return p.parse_intermixed_args(argv)
