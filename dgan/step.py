@@ -150,11 +150,12 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     real_logits, fake_logits = logits[:B], logits[B:2 * B]
     L_D = d_loss(real_logits, fake_logits, fake_weight=keep)
     L_r1 = torch.zeros((), device=dev)
+    L_D_total = L_D
     if do_r1:
         # Lazy regularisation (StyleGAN2): every r1_every steps, weighted by gamma * r1_every
         L_r1 = r1_penalty(logits[2 * B:], x_r1)
-        L_D = L_D + g.r1_gamma * g.r1_every * L_r1
-    tr.scaler_d.scale(L_D * loss_scale).backward()
+        L_D_total = L_D + g.r1_gamma * g.r1_every * L_r1
+    tr.scaler_d.scale(L_D_total * loss_scale).backward()
     # A NaN logit (a step about to be skipped) would turn into a garbage integer sign count
     # and corrupt r_d for the whole window; count it as neither real nor fake instead.
     tr.ada.accumulate(torch.nan_to_num(real_logits.detach(), nan=0.0), B)
@@ -169,6 +170,9 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     L_G = L_diff + g.adv_weight * L_adv
     tr.scaler_g.scale(L_G * loss_scale).backward()
     tr.D_raw.requires_grad_(True)
+    # L_D is D's classification loss alone (2 ln 2 at chance): what the D-health guard judges and
+    # the status line shows. The lazy R1 term (gamma x r1_every on one step in r1_every) has its own
+    # scale and is logged apart as L_r1; mixed in, it made L_D jump on every R1 step.
     return {"L_diff": L_diff.detach(), "L_adv": L_adv.detach(), "L_D": L_D.detach(),
             "L_r1": L_r1.detach(), "D_real": real_logits.detach().mean(),
             "D_fake": fake_logits.detach().mean()}
