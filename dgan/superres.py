@@ -32,8 +32,10 @@ pass eta=1 (python -m dgan.sample --eta 1); expect the gap to narrow with traini
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -162,8 +164,6 @@ def periodic_sr_eval(G: torch.nn.Module, diffusion, cfg) -> dict[str, float]:
 def run_sr_task(G: torch.nn.Module, diffusion, cfg, args, device: torch.device):
     """python -m dgan.evaluate --task sr: rank 0 scores the first --task-images held-out images of
     --reference (SR and bicubic vs HR); every rank gets the metrics. Returns a dgan.evaluate.EvalResult."""
-    import time
-
     from dgan.metrics import to_uint8  # torch-fidelity: slow to import
 
     if cfg.model.task != "sr":
@@ -201,8 +201,6 @@ class SRRequestError(UsageError):
 def read_lr_image(path: Path, channels: int) -> tuple[torch.Tensor, int]:
     """An LR image file -> (1 x C x h x w float in [-1, 1], its bit depth), read and converted
     exactly as dgan.data reads training images (8/16-bit PNG, JPG, TIFF; channels converted)."""
-    import numpy as np
-
     from dgan.data.loader import collate  # albumentations/webdataset: slow to import
     from dgan.data.sources import (
         IMAGE_SUFFIXES,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dgan import __version__  # noqa: E402
@@ -262,9 +264,6 @@ def rederive_lr_schedules(scheds: list, images_seen: int, cfg: Config) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
     rank_seed = seed * 1000 + dist.get_rank()  # each rank its own stream
     random.seed(rank_seed)
     np.random.seed(rank_seed % 2**32)
