@@ -17,47 +17,25 @@
 
 set -euo pipefail
 
-die() {
-    echo "launch/train_single_node.sh: error: $*" >&2
+DGAN_PROG=launch/train_single_node.sh
+# Find the checkout: DGAN_HOME, next to this script, or where sbatch was run (sbatch runs a copy).
+for dgan_home in "${DGAN_HOME:-}" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" "${SLURM_SUBMIT_DIR:-}"; do
+    [[ -n "$dgan_home" && -f "$dgan_home/launch/common.sh" ]] && break
+done
+if [[ ! -f "$dgan_home/launch/common.sh" ]]; then
+    echo "$DGAN_PROG: error: cannot find launch/common.sh; run from the dgan checkout or set DGAN_HOME" >&2
     exit 2
-}
-
-# Print the number of visible GPUs (0 if none): CUDA_VISIBLE_DEVICES wins over nvidia-smi.
-count_gpus() {
-    local -a ids lines
-    local line n=0
-    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
-        if [[ -z "$CUDA_VISIBLE_DEVICES" || "$CUDA_VISIBLE_DEVICES" == -1 ]]; then
-            echo 0
-            return
-        fi
-        IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
-        echo "${#ids[@]}"
-        return
-    fi
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        mapfile -t lines < <(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true)
-        for line in "${lines[@]}"; do
-            [[ "$line" =~ ^[[:space:]]*[0-9]+[[:space:]]*$ ]] && n=$((n + 1))
-        done
-    fi
-    echo "$n"
-}
-
-if [[ -n "${VENV:-}" ]]; then
-    # shellcheck source=/dev/null
-    source "$VENV/bin/activate"
 fi
+# shellcheck source=launch/common.sh
+source "$dgan_home/launch/common.sh"
+
+activate_venv
 (($# > 0)) || die "no arguments; usage: launch/train_single_node.sh --config CONFIG.yaml [--resume auto] [overrides ...]"
 
 gpus=$(count_gpus)
 nproc_per_node=${NPROC:-$((gpus > 0 ? gpus : 1))}
-[[ "$nproc_per_node" =~ ^[1-9][0-9]*$ ]] || die "NPROC=$nproc_per_node is not a positive integer"
-cpus=$(nproc)
-
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-export NO_ALBUMENTATIONS_UPDATE="${NO_ALBUMENTATIONS_UPDATE:-1}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((cpus / nproc_per_node > 0 ? cpus / nproc_per_node : 1))}"
+require_positive_int NPROC "$nproc_per_node"
+export_runtime_env "$(nproc)" "$nproc_per_node"
 
 exec torchrun \
     --standalone \

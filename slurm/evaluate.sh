@@ -23,45 +23,29 @@
 
 set -euo pipefail
 
-die() {
-    echo "slurm/evaluate.sh: error: $*" >&2
+DGAN_PROG=slurm/evaluate.sh
+# Find the checkout: DGAN_HOME, next to this script, or where sbatch was run (sbatch runs a copy).
+for dgan_home in "${DGAN_HOME:-}" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" "${SLURM_SUBMIT_DIR:-}"; do
+    [[ -n "$dgan_home" && -f "$dgan_home/launch/common.sh" ]] && break
+done
+if [[ ! -f "$dgan_home/launch/common.sh" ]]; then
+    echo "$DGAN_PROG: error: cannot find launch/common.sh; run from the dgan checkout or set DGAN_HOME" >&2
     exit 2
-}
+fi
+# shellcheck source=launch/common.sh
+source "$dgan_home/launch/common.sh"
 
 # module load cuda    # cluster-specific; uncomment and edit if needed
-if [[ -n "${VENV:-}" ]]; then
-    # shellcheck source=/dev/null
-    source "$VENV/bin/activate"
-fi
-
+activate_venv
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "SLURM_JOB_ID is not set; submit this script with sbatch"
-[[ -n "${SLURM_JOB_NODELIST:-}" ]] || die "SLURM_JOB_NODELIST is not set; submit this script with sbatch"
 [[ -n "${RUN_DIR:-}" ]] || die "RUN_DIR is not set; submit with: RUN_DIR=runs/<run name> sbatch slurm/evaluate.sh"
 [[ -d "$RUN_DIR" ]] || die "RUN_DIR=$RUN_DIR: no such directory (relative paths start at $PWD)"
-
-# Read all host names at once; `scontrol ... | head -n1` would die of SIGPIPE under pipefail.
-mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-((${#nodes[@]} > 0)) || die "scontrol show hostnames '$SLURM_JOB_NODELIST' printed no host names"
-head_node=${nodes[0]}
-nnodes=${SLURM_NNODES:-${#nodes[@]}}
-nproc_per_node=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-[[ "$nproc_per_node" =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE=$nproc_per_node is not a positive integer"
-rdzv_port=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
-
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-export NO_ALBUMENTATIONS_UPDATE="${NO_ALBUMENTATIONS_UPDATE:-1}"
-cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((cpus / nproc_per_node > 0 ? cpus / nproc_per_node : 1))}"
+slurm_job # sets head_node, nnodes, nproc_per_node, rdzv_port, srun_args; the offline/threads environment
 
 # --run-dir, not --run: torchrun would take --run as an abbreviation of its own --run-path
 eval_args=(--fid --kid --psnr --ssim --run-dir "$RUN_DIR")
 if [[ -n "${NUM_SAMPLES:-}" ]]; then
     eval_args+=(--num-samples "$NUM_SAMPLES")
-fi
-# srun no longer passes --cpus-per-task on to the step (Slurm >= 22.05), so pass it explicitly.
-srun_args=(--nodes="$nnodes" --ntasks-per-node=1)
-if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
-    srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 fi
 
 echo "slurm/evaluate.sh: job $SLURM_JOB_ID, run $RUN_DIR, $nnodes node(s) x $nproc_per_node," \

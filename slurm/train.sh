@@ -38,45 +38,29 @@
 
 set -euo pipefail
 
-die() {
-    echo "slurm/train.sh: error: $*" >&2
+DGAN_PROG=slurm/train.sh
+# Find the checkout: DGAN_HOME, next to this script, or where sbatch was run (sbatch runs a copy).
+for dgan_home in "${DGAN_HOME:-}" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" "${SLURM_SUBMIT_DIR:-}"; do
+    [[ -n "$dgan_home" && -f "$dgan_home/launch/common.sh" ]] && break
+done
+if [[ ! -f "$dgan_home/launch/common.sh" ]]; then
+    echo "$DGAN_PROG: error: cannot find launch/common.sh; run from the dgan checkout or set DGAN_HOME" >&2
     exit 2
-}
+fi
+# shellcheck source=launch/common.sh
+source "$dgan_home/launch/common.sh"
 
 # module load cuda    # cluster-specific; uncomment and edit if needed
-if [[ -n "${VENV:-}" ]]; then
-    # shellcheck source=/dev/null
-    source "$VENV/bin/activate"
-fi
-
+activate_venv
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "SLURM_JOB_ID is not set; submit this script with sbatch"
 [[ -n "${CONFIG:-}" ]] || die "CONFIG is not set; submit with: CONFIG=configs/my.yaml sbatch slurm/train.sh"
 [[ -f "$CONFIG" ]] || die "CONFIG=$CONFIG: no such file (relative paths start at $PWD)"
-
-# Read all host names at once; `scontrol ... | head -n1` would die of SIGPIPE under pipefail.
-[[ -n "${SLURM_JOB_NODELIST:-}" ]] || die "SLURM_JOB_NODELIST is not set; submit this script with sbatch"
-mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-((${#nodes[@]} > 0)) || die "scontrol show hostnames '$SLURM_JOB_NODELIST' printed no host names"
-head_node=${nodes[0]}
-nnodes=${SLURM_NNODES:-${#nodes[@]}}
-nproc_per_node=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-[[ "$nproc_per_node" =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE=$nproc_per_node is not a positive integer"
-rdzv_port=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
-shutdown_timeout=${SHUTDOWN_TIMEOUT:-60} # must fit in the 90 s of --signal=B:USR1@90
-run_name=${RUN_NAME:-${SLURM_JOB_NAME:-dgan}-$SLURM_JOB_ID}
-
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-export NO_ALBUMENTATIONS_UPDATE="${NO_ALBUMENTATIONS_UPDATE:-1}"
-cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((cpus / nproc_per_node > 0 ? cpus / nproc_per_node : 1))}"
-
-# srun no longer passes --cpus-per-task on to the step (Slurm >= 22.05), so pass it explicitly.
+# Sets head_node, nnodes, nproc_per_node, rdzv_port, srun_args and the offline/threads environment.
 # --kill-on-bad-exit=0: on preemption the nodes exit one after the other; a node that exits
 # first must not get the others killed while rank 0 is still writing the checkpoint.
-srun_args=(--nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=0)
-if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
-    srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-fi
+slurm_job --kill-on-bad-exit=0
+shutdown_timeout=${SHUTDOWN_TIMEOUT:-60} # must fit in the 90 s of --signal=B:USR1@90
+run_name=${RUN_NAME:-${SLURM_JOB_NAME:-dgan}-$SLURM_JOB_ID}
 
 echo "slurm/train.sh: job $SLURM_JOB_ID, run name $run_name, $nnodes node(s) x $nproc_per_node," \
     "rendezvous $head_node:$rdzv_port"

@@ -25,6 +25,7 @@ TRAIN_MULTI = ROOT / "launch" / "train_multi_node.sh"
 SLURM_TRAIN = ROOT / "slurm" / "train.sh"
 SLURM_EVAL = ROOT / "slurm" / "evaluate.sh"
 SCRIPTS = [TRAIN_SINGLE, TRAIN_MULTI, SLURM_TRAIN, SLURM_EVAL]
+COMMON = ROOT / "launch" / "common.sh"  # sourced by every script above
 
 SIGNALS = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 JOB_ID = "4242"
@@ -163,7 +164,7 @@ def test_shellcheck() -> None:
         pytest.skip(reason)
     fakes = [p for p in FAKEBIN.iterdir() if p.read_text().startswith("#!/usr/bin/env bash")]
     res = subprocess.run([shellcheck, "--severity=warning", "--shell=bash",
-                          *map(str, SCRIPTS), *map(str, fakes)], capture_output=True, text=True)
+                          str(COMMON), *map(str, SCRIPTS), *map(str, fakes)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -285,6 +286,21 @@ def test_slurm_train_usage_errors(fakes: Fakes, drop: str, message: str) -> None
     assert res.returncode == 2
     assert message in res.stderr
     assert not fakes.torchrun_argv.exists()
+
+
+def test_slurm_train_runs_as_an_sbatch_spool_copy(fakes: Fakes, tmp_path: Path) -> None:
+    """sbatch runs a copy of the script from its spool folder, away from the checkout: the shared
+    launch/common.sh is then found through SLURM_SUBMIT_DIR (or DGAN_HOME), and without either the
+    script stops with a usage error that says what to set."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    copy = spool / "slurm_script"
+    shutil.copy(SLURM_TRAIN, copy)
+    res = run_script(copy, [], fakes.slurm_env(SLURM_SUBMIT_DIR=str(ROOT)), fakes.tmp)
+    assert res.returncode == 0, res.stderr
+    assert fakes.torchrun_record()["argv"] == slurm_torchrun_argv(fakes.config)
+    res = run_script(copy, [], fakes.slurm_env(), fakes.tmp)
+    assert res.returncode == 2 and "cannot find launch/common.sh" in res.stderr and "DGAN_HOME" in res.stderr
 
 
 def test_slurm_train_failure_is_not_requeued(fakes: Fakes) -> None:
