@@ -6,8 +6,8 @@
 One invocation launches both configurations itself, each with real `torchrun --standalone`
 (the 1-process run is a world of one: no process group, no DDP, the trainer's own code
 path), same per-rank batch. Each rank runs the trainer's real loop body -- data
-(next_micro_batches), the hybrid step, LR schedule, EMA, adaptive T (take_step) and the
-per-step stop-flag agreement -- built by the real build_* functions. Warm-up steps are
+(Trainer.next_micro_batches), the hybrid step, LR schedule, EMA, adaptive T (Trainer.step) and the
+per-step stop-flag agreement -- built by Trainer.build. Warm-up steps are
 excluded; the clock runs between two barriers. Launches alternate (1, 2, 1, 2, ...) and each
 configuration reports its best repeat, so a burst of load from elsewhere on the machine
 does not decide the ratio. Target (issue 4): ratio >= 1.7.
@@ -36,20 +36,17 @@ def worker(args: argparse.Namespace) -> None:
 
     from dgan import distributed as dist
     from dgan.config import load_config
-    from dgan.train import TrainState, batches_for, build_data, build_trainables, next_micro_batches, seed_everything, take_step
+    from dgan.trainer import Trainer
 
     device = dist.init("cpu")
     torch.set_num_threads(1)
     cfg = load_config(args.config, ["train.device=cpu", f"train.batch_size={args.batch}",
                                     f"data.cache_dir={args.cache}", *args.overrides])
-    seed_everything(cfg.train.seed)
-    data = build_data(cfg)
-    tr, ema, scheds = build_trainables(cfg, device)
-    state = TrainState()
-    stream = batches_for(data, state, cfg)
+    trainer = Trainer.build(cfg, device)
+    stream = trainer.batches()
 
     def one_step() -> None:
-        take_step(tr, ema, scheds, state, cfg, next_micro_batches(stream, cfg, device))
+        trainer.step(trainer.next_micro_batches(stream))
         dist.any_rank_flags([False, False, False])  # the loop's per-step stop/checkpoint agreement
 
     for _ in range(args.warmup):

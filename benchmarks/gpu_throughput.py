@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from dgan.config import load_config  # noqa: E402
 from dgan.losses import diffusion_loss  # noqa: E402
 from dgan.step import autocast_for, train_step  # noqa: E402
-from dgan.train import build_trainables  # noqa: E402
+from dgan.trainer import build_trainables  # noqa: E402
 
 VARIANTS = {
     "fp32": ["train.precision=fp32"],

@@ -17,7 +17,7 @@ Phases (each reads what the previous wrote under --out, so they can run on diffe
   train    each arm in its own process, one after another, with the machine to itself. With a
            time budget, a few timed steps first plan the run's length, so the lr schedule knows its
            horizon; the run then stops at that step count or at the budget, whichever comes first.
-           dgan arms use the trainer's own build_trainables/take_step/DHealthGuard on the training
+           dgan arms use the Trainer's own build, step and D-health guard on the training
            part held in memory; the peer is benchmarks/peer_ddpm.py. Saves each arm's EMA weights.
   sample   DDIM 10 and 50 (and DDPM 1000 with --ddpm) from each arm's EMA weights, from the same
            per-sample seeded noise for every arm, as float16; a grid of the first 64 per arm.
@@ -143,48 +143,45 @@ def batches(images: torch.Tensor, batch: int, seed: int, device: torch.device):
 
 
 def build_dgan_run(args: argparse.Namespace, arm: str, images: torch.Tensor, kimg: float | None = None):
-    from dgan.dguard import DHealthGuard
-    from dgan.train import TrainState, build_trainables, seed_everything
+    """The trainer, built and seeded as dgan.train builds it, fed from the images held in memory."""
+    from dgan.trainer import Trainer
 
     cfg = run_config(args, arm, kimg)
     device = torch.device(cfg.train.device)
-    seed_everything(cfg.train.seed)
-    tr, ema, scheds = build_trainables(cfg, device)
-    stream = batches(images, cfg.train.batch_size, cfg.train.seed, device)
-    return cfg, tr, ema, scheds, TrainState(), DHealthGuard(cfg.gan, tr, scheds[1]), stream
+    trainer = Trainer.build(cfg, device, data=False)
+    return trainer, batches(images, cfg.train.batch_size, cfg.train.seed, device)
 
 
 def dgan_seconds_per_step(args: argparse.Namespace, arm: str, images: torch.Tensor, probe_steps: int = 20) -> float:
     """Time some steps of a throwaway run of this arm (after two warm-up steps). Short probes
     overestimate the step time (allocator and thread-pool warm-up), which ends runs early."""
-    from dgan.train import take_step
-
-    cfg, tr, ema, scheds, state, _, stream = build_dgan_run(args, arm, images)
-    label = torch.zeros(cfg.train.batch_size, dtype=torch.long, device=torch.device(cfg.train.device))
+    trainer, stream = build_dgan_run(args, arm, images)
+    label = torch.zeros(trainer.cfg.train.batch_size, dtype=torch.long, device=trainer.device)
     for i in range(2 + probe_steps):
         if i == 2:
             clock = time.perf_counter()
-        take_step(tr, ema, scheds, state, cfg, [(next(stream), label)])
+        trainer.step([(next(stream), label)])
     return (time.perf_counter() - clock) / probe_steps
 
 
 def train_dgan(args: argparse.Namespace, out: Path, arm: str) -> None:
     """One dgan arm, in this process: the trainer's own build and step code, data from memory."""
-    from dgan.train import MetricWindow, global_batch_size, take_step
+    from dgan.monitor import MetricWindow
 
     images = torch.load(out / "data.pt", weights_only=True)["train_images"]
     minutes, kimg = budget_minutes(args), None
     if minutes is not None:  # plan the run's length so that the lr schedule decays over the budget
         batch = PRESETS[args.preset]["batch"]
         kimg = minutes * 60 / dgan_seconds_per_step(args, arm, images) * batch / 1000
-    cfg, tr, ema, scheds, state, guard, stream = build_dgan_run(args, arm, images, kimg)
-    total_steps = round(cfg.train.total_kimg * 1000 / global_batch_size(cfg))
-    label = torch.zeros(cfg.train.batch_size, dtype=torch.long, device=torch.device(cfg.train.device))
+    trainer, stream = build_dgan_run(args, arm, images, kimg)
+    cfg, tr, ema, state, guard = trainer.cfg, trainer.tr, trainer.ema, trainer.state, trainer.guard
+    total_steps = round(cfg.train.total_kimg * 1000 / trainer.global_batch)
+    label = torch.zeros(cfg.train.batch_size, dtype=torch.long, device=trainer.device)
     window, clock = MetricWindow(), time.perf_counter()
     deadline = clock + (minutes * 60 if minutes is not None else float("inf"))
     log_every = max(1, min(cfg.log.every_steps, total_steps // 10))
     while state.step < total_steps and time.perf_counter() < deadline:
-        window.add(take_step(tr, ema, scheds, state, cfg, [(next(stream), label)]))
+        window.add(trainer.step([(next(stream), label)]))
         if state.step % log_every == 0 or state.step == total_steps:
             m = window.reduce()  # the one host sync per interval
             event = guard.check(m, state.step)
@@ -240,7 +237,7 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int) -> torch.Tensor:
     from dgan.diffusion import Diffusion
     from dgan.generation import generate_indices, initial_noise
-    from dgan.train import build_models
+    from dgan.trainer import build_models
 
     state = torch.load(out / f"{arm}.pt", weights_only=True)
     if arm == PEER:

@@ -23,7 +23,7 @@ import quality  # noqa: E402  (benchmarks/ is not a package)
 from dgan.diffusion import Diffusion  # noqa: E402
 from dgan.generation import generate_indices  # noqa: E402
 from dgan.metrics import fid_kid, to_uint8  # noqa: E402
-from dgan.train import build_models  # noqa: E402
+from dgan.trainer import build_models  # noqa: E402
 
 GRIDS = ("uniform", "quadratic", "trailing", "logsnr", "edm")
 

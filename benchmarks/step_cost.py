@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from dgan.config import load_config  # noqa: E402
 from dgan.losses import diffusion_loss  # noqa: E402
 from dgan.step import Trainables, train_step  # noqa: E402
-from dgan.train import build_trainables  # noqa: E402
+from dgan.trainer import build_trainables  # noqa: E402
 
 PRESETS = {
     "seed64": ["model.encoder=resnet34", "model.encoder_depth=5", "model.decoder_channels=[256,128,64,32,16]",

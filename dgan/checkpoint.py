@@ -23,20 +23,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import pickle
 import re
-import shutil
-import uuid
+import time
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dgan import __version__
+from dgan.atomic import link_or_copy_atomic, torch_save_atomic, write_text_atomic
 from dgan.errors import DganError, one_line
 
 SCHEMA_VERSION = 1
@@ -58,79 +56,6 @@ class CheckpointError(DganError, RuntimeError):
 
 class CheckpointSchemaError(CheckpointError):
     """The checkpoint was written by a newer dgan; falling back to an older one would lose work."""
-
-
-# --------------------------------------------------------------------------- atomic file primitives
-
-
-def _tmp_path(final: Path) -> Path:
-    # Hidden and suffixed, so discovery (ckpt-N.pt) never sees it; pid+random keep writers apart.
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make renames/creations in `directory` durable, not just the file contents."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        # Some network filesystems refuse fsync on a directory; they commit renames anyway.
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Atomically rename a complete, fsynced temp file into place."""
-    try:
-        os.replace(tmp, final)
-    finally:
-        # rename(2) is a silent no-op when both names are links to one inode; don't leave tmp behind.
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(final.parent)
-
-
-def _atomic_torch_save(payload: Any, final: Path, verify: Callable[[Path], None]) -> None:
-    tmp = _tmp_path(final)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        verify(tmp)
-    except BaseException:
-        # An exception (disk full, bad state) must not strand a multi-GB temp file. A SIGKILL
-        # can still leave one; the next save removes it.
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _publish(tmp, final)
-
-
-def _atomic_write_text(final: Path, text: str) -> None:
-    tmp = _tmp_path(final)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _publish(tmp, final)
-
-
-def _atomic_link_or_copy(src: Path, final: Path) -> None:
-    tmp = _tmp_path(final)
-    try:
-        os.link(src, tmp)  # free in disk space and instant
-    except OSError:
-        # Some shared filesystems refuse hard links; a copy costs disk but is just as safe.
-        shutil.copyfile(src, tmp)
-        _fsync_file(tmp)
-    _publish(tmp, final)
 
 
 # --------------------------------------------------------------------------- loading
@@ -281,7 +206,7 @@ class Checkpointer:
         meta = {"dgan_version": _dgan_version(), "step": step, **metadata}
         payload = {"schema_version": SCHEMA_VERSION, "metadata": meta, "state": state}
         final = self.path_for(step)
-        _atomic_torch_save(payload, final, lambda tmp: self._verify_written(tmp, payload, step))
+        torch_save_atomic(payload, final, lambda tmp: self._verify_written(tmp, payload, step))
         # Best before pruning: ckpt-best.pt must hold its own link before the regular file can go.
         self._update_best(final, step, metric)
         self._prune(step)
@@ -356,10 +281,10 @@ class Checkpointer:
             better = metric < best["value"] if self.best_mode == "min" else metric > best["value"]
             if not better:
                 return
-        _atomic_link_or_copy(final, self.ckpt_dir / BEST_NAME)
+        link_or_copy_atomic(final, self.ckpt_dir / BEST_NAME)
         record = {"metric": self.best_metric, "mode": self.best_mode, "step": step,
                   "value": metric, "file": final.name}
-        _atomic_write_text(self.ckpt_dir / BEST_JSON, json.dumps(record, indent=2) + "\n")
+        write_text_atomic(self.ckpt_dir / BEST_JSON, json.dumps(record, indent=2) + "\n")
 
     def latest_valid(self) -> Path | None:
         """Newest regular checkpoint that loads; corrupt ones are warned about and skipped, not deleted."""
@@ -377,20 +302,25 @@ class Checkpointer:
         return load_checkpoint(path, map_location=map_location)
 
 
-def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> Path | None:
-    """Map `--resume` to a file: None -> None, "auto" -> newest valid (or None: fresh start), else a path."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        return Checkpointer(ckpt_dir).latest_valid()
-    path = Path(resume)
-    if path.is_dir():
-        found = Checkpointer(path).latest_valid()
-        if found is None:
-            raise CheckpointError(f"--resume {path}: directory has no valid ckpt-*.pt; pass a checkpoint file")
-        return found
-    if not path.is_file():
-        raise CheckpointError(
-            f"--resume {path}: no such checkpoint; pass an existing ckpt-*.pt or --resume auto"
-        )
-    return path
+class SavePolicy:
+    """When a training run saves: every `every_kimg` thousand images, every `every_min` minutes of
+    wall clock, at the end, on a stop signal, and with each periodic evaluation (so the best
+    checkpoint can follow its metric). One instance per rank; every rank must reach the same
+    verdict, so the time test goes through the caller's all-rank agreement (see `time_due`)."""
+
+    def __init__(self, every_kimg: float, every_min: float) -> None:
+        self.every_images = max(1, round(every_kimg * 1000))
+        self.every_min = every_min
+        self._last = time.monotonic()
+
+    def time_due(self) -> bool:
+        """This rank's clock alone: agree on it across ranks before passing it to `due`."""
+        return (time.monotonic() - self._last) / 60 >= self.every_min
+
+    def due(self, images_before: int, images_after: int, *, last: bool, stop: bool,
+            evaluated: bool, time_due: bool) -> bool:
+        crossed = images_before // self.every_images != images_after // self.every_images
+        return last or stop or evaluated or time_due or crossed
+
+    def saved(self) -> None:
+        self._last = time.monotonic()

@@ -20,7 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from dgan.errors import UsageError, report
-from dgan.tracking import default_tracking_uri, format_value, import_mlflow
+from dgan.progress import format_value
+from dgan.tracking import default_tracking_uri, import_mlflow
 
 # Metrics shown whenever a run has them, with the direction that is better.
 # dgan.evaluate and periodic evaluation log eval/fid and eval/kid; plain fid/kid are kept

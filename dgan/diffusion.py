@@ -1,12 +1,12 @@
-"""Gaussian diffusion: beta schedules, the forward process, x0/eps conversions and samplers.
+"""Gaussian diffusion: the forward process, x0/eps conversions and samplers (schedules and timestep
+grids: dgan/schedules.py).
 
 Notation follows Ho et al. 2020: ``alpha_t = 1 - beta_t``, ``alpha_bar_t = prod_{s<=t} alpha_s``
 and ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps``. Timesteps are 0-based,
 ``t in {0..T-1}``; "clean" (alpha_bar = 1) is the implicit state after t = 0.
 
 Samplers take a ``model_fn(x_t, t) -> output`` (eps_hat or v_hat, as ``prediction`` says) and know
-nothing about the network, so callers
-can wrap it (classifier-free guidance, inpainting, EMA weights) without touching this file.
+nothing about the network, so callers can wrap it (classifier-free guidance, inpainting, EMA weights) without touching this file.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from dgan.schedules import SPACINGS, make_betas, timestep_grid
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # callback(i, x, x0_hat): i is the 0-based step index, x the state *after* step i (after any
@@ -23,34 +25,8 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 # the new state lives at (LongTensor [B]) or None once the state is the final clean sample.
 StepHook = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
-SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
-SPACINGS = ("uniform", "quadratic")
 PREDICTIONS = ("eps", "v")
-_COSINE_OFFSET = 0.008  # Nichol & Dhariwal's s: keeps beta_0 from being vanishingly small
-_MAX_BETA = 0.999  # the cosine schedule's last beta tends to 1; clip it to keep alpha_t > 0
-
-
-def make_betas(schedule: str, num_steps: int, beta_start: float = 1e-4,
-               beta_end: float = 0.02) -> torch.Tensor:
-    """Return the float64 betas [num_steps] of a "linear" or "cosine" schedule.
-
-    beta_start/beta_end only apply to "linear"; the cosine schedule is parameter-free.
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if schedule == "linear":
-        if not 0.0 < beta_start <= beta_end < 1.0:
-            raise ValueError(
-                "need 0 < beta_start <= beta_end < 1, "
-                f"got beta_start={beta_start}, beta_end={beta_end}")
-        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
-    if schedule == "cosine":
-        steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
-        f = torch.cos((steps + _COSINE_OFFSET) / (1 + _COSINE_OFFSET) * math.pi / 2) ** 2
-        # betas from ratios of the continuous alpha_bar, so alpha_bar follows the cosine curve
-        return (1.0 - f[1:] / f[:-1]).clamp(max=_MAX_BETA)
-    raise ValueError(f"unknown beta schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
 
 
 def _randn(shape: Sequence[int], generator: Optional[torch.Generator],
@@ -209,29 +185,10 @@ class Diffusion:
     # ----------------------------------------------------------------- sampler helpers
 
     def timesteps_for(self, steps: int) -> torch.LongTensor:
-        """`steps` distinct timesteps from T-1 down (CPU LongTensor), spaced by self.spacing.
+        """`steps` distinct timesteps from T-1 down (CPU LongTensor), spaced by self.spacing."""
+        return timestep_grid(self.num_steps, steps, self.spacing)
 
-        uniform: evenly from T-1 to 0. quadratic: t_k = T (k/steps)^2 - 1 for k = steps..1 (the
-        DDIM paper's quadratic grid, "trailing" so it starts exactly at T-1). It spends the
-        evaluations where the image's detail is decided, near t = 0, and none at t = 0 itself,
-        where x_t is already clean to 1e-4; the uniform grid spends 1 of 10 there and jumps from
-        t = 111 (noise std 0.37) to clean in one step. Measured on PneumoniaMNIST (RESULTS.md):
-        FID at DDIM 10 1.43 -> 0.81, at DDIM 50 0.36 -> 0.26, same weights.
-        """
-        if not 1 <= steps <= self.num_steps:
-            raise ValueError(f"steps must be in 1..{self.num_steps}, got {steps}")
-        if self.spacing == "uniform":
-            # spacing >= 1 whenever steps <= T, so rounding can never merge two timesteps
-            return torch.linspace(self.num_steps - 1, 0, steps, dtype=torch.float64).round().long()
-        k = torch.arange(steps, 0, -1, dtype=torch.float64)
-        grid = (self.num_steps * (k / steps) ** 2 - 1).round().clamp(min=0).long()
-        # Near t = 0 the quadratic grid is denser than one step when steps > sqrt(T): keep the
-        # timesteps distinct by lifting each, from the bottom up, to at least one above the next.
-        for i in range(steps - 2, -1, -1):
-            grid[i] = max(int(grid[i]), int(grid[i + 1]) + 1)
-        return grid
-
-    def _abar(self, t: Optional[int]) -> float:
+    def abar_at(self, t: Optional[int]) -> float:
         """alpha_bar at timestep t as a float64 scalar; None means clean data (alpha_bar = 1)."""
         return 1.0 if t is None else float(self._alpha_bar64[t])
 
@@ -250,7 +207,7 @@ class Diffusion:
 
         `model_fn` returns the network's raw output, interpreted by self.prediction."""
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        abar = self._abar(t)
+        abar = self.abar_at(t)
         x0, eps = self._x0_eps_scalar(x, model_fn(x, t_batch), abar)
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
@@ -263,7 +220,7 @@ class Diffusion:
         """One DDIM update (Song et al. 2021, eq. 12) from timestep t to t_next (None: clean data),
         given the model's (x0, eps) at t (from `denoise`); eta scales the fresh noise. Public so
         that samplers built around it (RePaint in dgan.inpaint) make exactly this update."""
-        abar, abar_next = self._abar(t), self._abar(t_next)
+        abar, abar_next = self.abar_at(t), self.abar_at(t_next)
         sigma = eta * math.sqrt((1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next))
         # max(): rounding can push the remainder a hair below zero when eta = 1
         dir_coef = math.sqrt(max(1.0 - abar_next - sigma ** 2, 0.0))
@@ -296,7 +253,7 @@ class Diffusion:
         x = self._initial_noise(shape, x_T, generator, device)
         for i, t in enumerate(range(self.num_steps - 1, -1, -1)):
             x0, _ = self.denoise(model_fn, x, t, clip_x0)
-            abar, abar_prev = self._abar(t), self._abar(t - 1 if t > 0 else None)
+            abar, abar_prev = self.abar_at(t), self.abar_at(t - 1 if t > 0 else None)
             beta = 1.0 - abar / abar_prev
             coef_x0 = beta * math.sqrt(abar_prev) / (1.0 - abar)
             coef_xt = (1.0 - abar_prev) * math.sqrt(1.0 - beta) / (1.0 - abar)
@@ -341,7 +298,7 @@ class Diffusion:
 
     def _half_log_snr(self, t: int) -> float:
         """lambda_t = log(alpha_t / sigma_t), alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)."""
-        abar = self._abar(t)
+        abar = self.abar_at(t)
         return 0.5 * (math.log(abar) - math.log1p(-abar))
 
     @torch.no_grad()
@@ -373,7 +330,7 @@ class Diffusion:
             if t_next is None:
                 x = x0
             else:
-                abar, abar_next = self._abar(t), self._abar(t_next)
+                abar, abar_next = self.abar_at(t), self.abar_at(t_next)
                 h = self._half_log_snr(t_next) - self._half_log_snr(t)
                 if x0_prev is None or t_next == ts[-1]:
                     d = x0

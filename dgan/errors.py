@@ -2,9 +2,9 @@
 
 Every CLI catches `DganError` once, prints its message (one line that says what is wrong and how
 to fix it) and exits with `err.exit_code`: 2 for a bad command line or config (nothing was
-started), 1 for anything else. The subclasses live beside the code that raises them (ConfigError
-in config.py, CheckpointError in checkpoint.py, ...; EvalError is here because generation,
-reference and the tasks all raise it); each also keeps the builtin base it had
+started), 1 for anything else. The subclasses live beside the code that raises them (CheckpointError
+in checkpoint.py, ...; EvalError and ConfigError are here because several modules raise them:
+generation, reference and the tasks; config loading and config checks); each also keeps the builtin base it had
 (ValueError or RuntimeError), so older `except ValueError` callers still catch it.
 """
 from __future__ import annotations
@@ -29,6 +29,11 @@ class UsageError(DganError, ValueError):
 class EvalError(DganError, RuntimeError):
     """A user-facing evaluation problem; the message is one line that says what to do.
     Here, not in evaluate.py: generation, the reference set and the tasks raise it too."""
+
+
+class ConfigError(UsageError):
+    """A bad configuration: the message names the key and the fix."""
+    label = "config error"
 
 
 def one_line(exc: BaseException, limit: int = 160) -> str:

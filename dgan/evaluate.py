@@ -43,10 +43,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,211 +52,24 @@ import torch  # noqa: E402
 
 from dgan import __version__  # noqa: E402
 from dgan import distributed as dist  # noqa: E402
+from dgan.atomic import write_text_atomic  # noqa: E402
 from dgan.checkpoint import load_checkpoint  # noqa: E402
 from dgan.config import int_list_arg  # noqa: E402
 from dgan.diffusion import SAMPLERS  # noqa: E402
-from dgan.errors import DganError, EvalError, report  # noqa: E402
-from dgan.generation import generate_distributed, guided_model_fn, load_generator, save_grid  # noqa: E402
+from dgan.errors import DganError, report  # noqa: E402
+from dgan.generation import load_generator, save_grid  # noqa: E402
 from dgan.inpaint import add_inpaint_args, run_inpaint_task  # noqa: E402
-from dgan.reference import (LABEL_SHIFT_WARNING, REFERENCES, EvalResult, conditioning_labels,  # noqa: E402
-                            load_reference, reference_cache_key, reference_info, reference_split)
+from dgan.reference import LABEL_SHIFT_WARNING, REFERENCES, EvalResult, reference_split  # noqa: E402
 from dgan.rundir import find_checkpoint  # noqa: E402
-from dgan.runinfo import file_sha256  # noqa: E402
-from dgan.seeding import Stream, derive_seed  # noqa: E402
+from dgan.scoring import (DEFAULT_METRICS, DEFAULT_RECON_IMAGES, DEFAULT_T_VALUES, METRICS,  # noqa: E402
+                          check_request, run_evaluation)
 from dgan.superres import run_sr_task  # noqa: E402
-from dgan.tracking import RUN_STATUSES, Tracker, default_tracking_uri, format_value, import_mlflow  # noqa: E402
+from dgan.progress import format_value  # noqa: E402
+from dgan.tracking import RUN_STATUSES, Tracker, default_tracking_uri, import_mlflow  # noqa: E402
 
-METRICS = ("fid", "kid", "psnr", "ssim", "frd")
-# Without a metric flag. FRD is opt-in: it needs the optional `frd` extra (PyRadiomics).
-DEFAULT_METRICS = ("fid", "kid", "psnr", "ssim")
-SAMPLE_METRICS = {"fid", "kid", "frd"}  # scored on generated samples, so they need a generation
 TASKS = ("generate", "inpaint", "sr")  # --task: what is scored; generate is FID/KID/PSNR/SSIM of samples
 DEFAULT_TASK_IMAGES = 16  # --task inpaint/sr: held-out images, small enough for a CPU run
-DEFAULT_T_VALUES = (50, 100, 250, 500)
-DEFAULT_RECON_IMAGES = 1000
 GRID_IMAGES = 64
-
-
-# --------------------------------------------------------------------------------------------------
-# Seeded, rank-independent generation
-# --------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference images and reconstruction metrics
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def reconstruction_metrics(G: torch.nn.Module, diffusion, x0: torch.Tensor, labels: Optional[torch.Tensor],
-                           t_values: Sequence[int], *, seed: int, batch_size: int,
-                           device: torch.device) -> dict[str, float]:
-    """PSNR/SSIM of one-step x0 predictions from q(x0, t), per t: {"psnr_t50": ..., "ssim_t50": ...}."""
-    from dgan.metrics import psnr_ssim  # torch-fidelity: slow to import
-
-    out: dict[str, float] = {}
-    was_training = G.training
-    G.eval()
-    try:
-        for t in t_values:
-            # All of eps at once from one generator: the numbers do not depend on batch_size.
-            gen = torch.Generator().manual_seed(derive_seed(seed, Stream.RECON_NOISE, t))
-            eps = torch.randn(x0.shape, generator=gen)
-            preds = []
-            for start in range(0, x0.shape[0], batch_size):
-                xb, eb = x0[start:start + batch_size].to(device), eps[start:start + batch_size].to(device)
-                tb = torch.full((xb.shape[0],), int(t), dtype=torch.long, device=device)
-                yb = None if labels is None else labels[start:start + batch_size].to(device)
-                x_t = diffusion.q_sample(xb, tb, eb)
-                out_b = guided_model_fn(G, yb, 1.0)(x_t, tb)
-                preds.append(diffusion.model_x0(x_t, tb, out_b).clamp(-1, 1).cpu())
-            scores = psnr_ssim(torch.cat(preds), x0, data_range=2.0)
-            out[f"psnr_t{t}"], out[f"ssim_t{t}"] = scores["psnr"], scores["ssim"]
-    finally:
-        G.train(was_training)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# The evaluation itself (used by the CLI and, for periodic evaluation, by the trainer)
-# --------------------------------------------------------------------------------------------------
-
-
-def check_request(metrics: Iterable[str], *, sampler: str, steps: int, num_samples: int, t_values: Sequence[int],
-                  num_steps: Optional[int], extractor_path=None, fid_weights=None) -> dict[str, Any]:
-    """Validate everything that can be checked before any work; return the feature-extractor record.
-
-    Raises EvalError, or MetricError for missing Inception weights or a missing `frd` extra: nothing is
-    downloaded, so this is where an offline run without them stops, before a long generation.
-    """
-    from dgan.metrics import INCEPTION, resolve_inception_weights  # torch-fidelity: slow to import
-
-    chosen = set(metrics)
-    if not chosen or chosen - set(METRICS):
-        raise EvalError(f"metrics {sorted(chosen)}: choose from {', '.join(METRICS)}")
-    if sampler not in SAMPLERS:
-        raise EvalError(f"sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-    if steps < 1 or (num_steps is not None and steps > num_steps and sampler != "ddpm"):
-        raise EvalError(f"--steps {steps}: must be in 1..{num_steps or 'T'}")
-    if chosen & {"psnr", "ssim"}:
-        # T is unknown before the checkpoint is read (num_steps None): then only the sign is checked.
-        bad = [t for t in t_values if t < 0 or (num_steps is not None and t >= num_steps)]
-        if not t_values or bad:
-            top = num_steps - 1 if num_steps is not None else "T-1"
-            raise EvalError(f"--t-values {list(t_values)}: need timesteps in 0..{top}")
-    if "frd" in chosen:
-        from dgan.metrics import require_frd  # torch-fidelity: slow to import
-
-        require_frd()  # MetricError with the install command when the optional extra is missing
-    if chosen & SAMPLE_METRICS and num_samples < 2:
-        raise EvalError(f"--num-samples {num_samples}: FID/KID/FRD need at least 2 samples")
-    if not chosen & {"fid", "kid"}:
-        return {"name": None}
-    if extractor_path is not None:
-        path = Path(extractor_path).expanduser()
-        if not path.is_file():
-            raise EvalError(f"--feature-extractor {path}: no such file (a TorchScript module, uint8 NxCxHxW -> NxD)")
-        return {"name": "torchscript", "path": str(path.resolve()), "sha256": file_sha256(path)}
-    return {"name": INCEPTION, "path": str(resolve_inception_weights(fid_weights))}
-
-
-def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, sampler: str, steps: int, seed: int,
-                   metrics: Iterable[str], device: torch.device, extractor_path=None, fid_weights=None,
-                   reference: str = "val", batch_size: int = 64, t_values: Sequence[int] = DEFAULT_T_VALUES,
-                   recon_images: int = DEFAULT_RECON_IMAGES, reference_images: Optional[int] = None,
-                   cache_dir=None, guidance: float = 1.0, per_class: bool = False) -> EvalResult:
-    """Collective: call on every rank. Metrics and info are broadcast to all ranks; samples stay on rank 0.
-    per_class: also FID/KID of each class's samples against that class's reference images."""
-    chosen = set(metrics)
-    if per_class and cfg.model.num_classes < 1:
-        raise EvalError("--per-class needs a class-conditional model (model.num_classes > 0); this one has none")
-    if per_class and not chosen & {"fid", "kid"}:
-        raise EvalError("--per-class scores FID/KID per class; add --fid and/or --kid")
-    extractor = check_request(chosen, sampler=sampler, steps=steps, num_samples=num_samples, t_values=t_values,
-                              num_steps=diffusion.num_steps, extractor_path=extractor_path, fid_weights=fid_weights)
-    want_fid = bool(chosen & {"fid", "kid"})
-    scores: dict[str, float] = {}
-    info: dict[str, Any] = {}
-    ref: dict[str, Any] = {}  # rank 0's reference images, kept out of the broadcasts
-
-    def load_and_reconstruct() -> None:  # rank 0, before the long generation: data problems fail now
-        ref["real"], ref["labels"] = real, labels = load_reference(cfg, reference, reference_images)
-        ref["key"] = reference_cache_key(cfg, reference, real) if want_fid else None
-        info["reference"] = reference_info(cfg, reference, real.shape[0], ref["key"])
-        if chosen & {"psnr", "ssim"}:
-            n = min(recon_images, real.shape[0])
-            recon = reconstruction_metrics(G, diffusion, real[:n], conditioning_labels(cfg, labels[:n]), t_values,
-                                           seed=seed, batch_size=batch_size, device=device)
-            scores.update({k: v for k, v in recon.items() if k.split("_t")[0] in chosen})
-            info["reference"]["recon_images"] = n
-    dist.on_main(load_and_reconstruct)  # an error on rank 0 stops every rank
-    samples = ranks = None
-    clock = time.perf_counter()
-    if chosen & SAMPLE_METRICS:
-        samples, ranks = generate_distributed(G, diffusion, cfg, num_samples=num_samples, sampler=sampler,
-                                              steps=steps, seed=seed, batch_size=batch_size, device=device,
-                                              guidance=guidance)
-    info.update(generation_s=round(time.perf_counter() - clock, 3), extractor=extractor,
-                world_size=dist.get_world_size())
-
-    def score() -> tuple[dict[str, float], dict[str, Any]]:  # rank 0, which holds the samples
-        real, labels, key = ref["real"], ref["labels"], ref["key"]
-        if want_fid:
-            scores.update(_fid_kid(real, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg, device,
-                                   batch_size))
-            for c in range(cfg.model.num_classes if per_class else 0):
-                scores.update(_class_fid_kid(c, real, labels, samples, chosen, extractor_path, fid_weights,
-                                             cache_dir, key, cfg, device, batch_size))
-        if "frd" in chosen:
-            from dgan.metrics import frd, to_uint8  # torch-fidelity: slow to import
-
-            scores["frd"] = frd(to_uint8(real), samples)  # the reference first: FRD z-scores against it
-        return scores, info
-    scores, info = dist.on_main(score)  # every rank gets the numbers, or rank 0's error
-    return EvalResult(metrics=scores, info=info, samples=samples, sample_ranks=ranks)
-
-
-def _fid_kid(real, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg, device,
-             batch_size) -> dict[str, float]:
-    from dgan.metrics import fid_kid, to_uint8  # torch-fidelity: slow to import
-
-    cache = Path(cache_dir) if cache_dir is not None else Path(cfg.log.root) / ".cache" / "fid"
-    out = fid_kid(to_uint8(real), samples, extractor_path=extractor_path, fid_weights=fid_weights,
-                  cache_dir=cache, real_cache_key=key, device=device, batch_size=batch_size,
-                  fid="fid" in chosen, kid="kid" in chosen)
-    return out
-
-
-def _class_fid_kid(c: int, real, labels, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg,
-                   device, batch_size) -> dict[str, float]:
-    """FID/KID of class c: sample i has label i % K (generate_indices), so class c is samples[c::K]."""
-    real_c, fake_c = real[labels == c], samples[c::cfg.model.num_classes]
-    if real_c.shape[0] < 2 or fake_c.shape[0] < 2:
-        raise EvalError(f"--per-class: class {c} has {real_c.shape[0]} reference image(s) and {fake_c.shape[0]} "
-                        "sample(s); need at least 2 of each (raise --num-samples or --reference-images)")
-    out = _fid_kid(real_c, fake_c, chosen, extractor_path, fid_weights, cache_dir, key and f"{key}_c{c}", cfg,
-                   device, batch_size)
-    return {f"{k}_c{c}": v for k, v in out.items()}
-
-
-def evaluate_generator(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, sampler: str, steps: int, seed: int,
-                       metrics: Iterable[str], extractor_path=None, fid_weights=None, reference: str = "val",
-                       device: torch.device, batch_size: int = 64, t_values: Sequence[int] = DEFAULT_T_VALUES,
-                       cache_dir=None) -> dict[str, float]:
-    """Metrics of generator G (pass the EMA module) as a flat dict, e.g. {"fid", "kid", "kid_std",
-    "psnr_t100", "ssim_t100"}.
-
-    Collective: call it on every rank at the same point; every rank gets the same dict. G's train/eval
-    mode is restored afterwards and the global RNG streams are not touched (all noise comes from
-    seeded generators), so calling it inside a training loop keeps exact resume intact.
-    """
-    device = torch.device(device)
-    # fork_rng: a guarantee rather than a promise; the evaluation draws only from its own generators.
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        return run_evaluation(G, diffusion, cfg, num_samples=num_samples, sampler=sampler, steps=steps, seed=seed,
-                              metrics=metrics, device=device, extractor_path=extractor_path, fid_weights=fid_weights,
-                              reference=reference, batch_size=batch_size, t_values=t_values,
-                              cache_dir=cache_dir).metrics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,10 +142,7 @@ def build_report(result: EvalResult, args: argparse.Namespace, record: dict, run
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a reader (or a concurrent evaluation) never sees half a file
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")  # a reader never sees half a file
 
 
 def write_outputs(result: EvalResult, args: argparse.Namespace, record: dict, run_dir: Path, cfg, diffusion,

@@ -56,7 +56,7 @@ def reference_cache_key(cfg, reference: str, images: torch.Tensor) -> str:
     digest = None
     pattern = {"val": cfg.data.val_shards, "train": cfg.data.shards}[reference]
     if cfg.data.source == "shards" and pattern:
-        from dgan.data.shards import resolve_shards  # as above: only for shard data
+        from dgan.data.shard_sets import resolve_shards  # as above: only for shard data
 
         digest = str(resolve_shards(pattern).manifest.get("hash", ""))[:16] or None
     if digest is None:

@@ -24,7 +24,7 @@ from typing import Optional
 
 from dgan import distributed as dist
 from dgan.checkpoint import CheckpointError, Checkpointer
-from dgan.config import Config
+from dgan.config import Config, save_config
 from dgan.errors import UsageError
 
 CHECKPOINTS = "checkpoints"
@@ -162,3 +162,15 @@ def plan_run(cfg: Config, config_path: Optional[str]) -> RunPlan:
     """Decide on rank 0 where the run lives and which checkpoint it resumes; share it with every
     rank. Writes nothing. An error on rank 0 is raised on every rank, so none is left waiting."""
     return dist.on_main(lambda: _plan(cfg, config_path))
+
+
+def claim_run_dir(cfg: Config, run_dir: Path) -> Optional[int]:
+    """Rank 0 creates the run dir, locks it (lock_run) and writes config.yaml; a refusal there stops
+    every rank (dist.on_main). Returns the lock's fd on rank 0 (keep it open), None elsewhere."""
+    def claim() -> Optional[int]:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_run(run_dir)
+        save_config(cfg, run_dir / "config.yaml")  # after the lock: never over a running run's
+        return lock
+    lock = dist.on_main(claim)
+    return lock if dist.is_main() else None

@@ -14,7 +14,7 @@ log interval by the caller, and a non-finite step is skipped on device (see `app
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
@@ -48,6 +48,26 @@ class Trainables:
     @property
     def G_raw(self) -> nn.Module:
         return dist.unwrap(self.G)
+
+
+@dataclass
+class TrainState:
+    """The trainer's own state, checkpointed like any other component."""
+    step: int = 0
+    images_seen: int = 0
+    mlflow_run_id: Optional[str] = None
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.images_seen = int(d["step"]), int(d["images_seen"])
+        self.mlflow_run_id = d.get("mlflow_run_id")
+
+
+def global_batch_size(cfg: Config) -> int:
+    """Images per optimizer step: per-rank batch x ranks x accumulation (logged as global_batch)."""
+    return cfg.train.batch_size * dist.get_world_size() * cfg.train.grad_accum
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -108,6 +128,44 @@ def with_cond(x: torch.Tensor, cond: torch.Tensor | None, copies: int = 1) -> to
     return x if cond is None else torch.cat([x, cond.repeat(copies, 1, 1, 1)], dim=1)
 
 
+def d_backward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor,
+               tau: torch.Tensor, y_d: Optional[torch.Tensor], cond: Optional[torch.Tensor], keep: torch.Tensor,
+               *, do_r1: bool, sync: bool, loss_scale: float) -> dict[str, torch.Tensor]:
+    """D's forward/backward on diffused reals and (detached) fakes, plus lazy R1 on clean reals, in
+    one DDP forward; feeds r_d to the adaptive-T controller. Returns D's detached metrics.
+
+    L_D is D's classification loss alone (2 ln 2 at chance): what the D-health guard judges and the
+    status line shows. The lazy R1 term (gamma x r1_every on one step in r1_every) has its own scale
+    and is logged apart as L_r1; mixed in, it made L_D jump on every R1 step.
+    """
+    g, dev, B = cfg.gan, x0.device, x0.shape[0]
+    amp = autocast_for(cfg.train.precision, dev)
+    tr.D_raw.requires_grad_(True)
+    d_in, d_tau = [y_real, y_fake], [tau, tau]
+    if do_r1:
+        x_r1 = x0.detach().requires_grad_(True)
+        d_in.append(x_r1)
+        d_tau.append(torch.zeros_like(tau))
+    with dist.ddp_sync(tr.D, sync), amp:
+        logits = tr.D(with_cond(torch.cat(d_in), cond, len(d_in)), torch.cat(d_tau),
+                      None if y_d is None else y_d.repeat(len(d_in)))
+    logits = logits.float()
+    real_logits, fake_logits = logits[:B], logits[B:2 * B]
+    L_D = d_loss(real_logits, fake_logits, fake_weight=keep)
+    L_r1 = torch.zeros((), device=dev)
+    L_D_total = L_D
+    if do_r1:
+        # Lazy regularisation (StyleGAN2): every r1_every steps, weighted by gamma * r1_every
+        L_r1 = r1_penalty(logits[2 * B:], x_r1)
+        L_D_total = L_D + g.r1_gamma * g.r1_every * L_r1
+    tr.scaler_d.scale(L_D_total * loss_scale).backward()
+    # A NaN logit (a step about to be skipped) would turn into a garbage integer sign count
+    # and corrupt r_d for the whole window; count it as neither real nor fake instead.
+    tr.ada.accumulate(torch.nan_to_num(real_logits.detach(), nan=0.0), B)
+    return {"L_D": L_D.detach(), "L_r1": L_r1.detach(), "D_real": real_logits.detach().mean(),
+            "D_fake": fake_logits.detach().mean()}
+
+
 def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.Tensor],
                *, do_r1: bool, sync: bool, loss_scale: float) -> dict[str, torch.Tensor]:
     """Forward/backward for one micro-batch; gradients accumulate in .grad."""
@@ -137,28 +195,8 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     y_fake = diffuse(x0_hat, tau, tr.diffusion.alpha_bar, g.sigma)
 
     # -- Phase 3: D on real and detached fake (+ lazy R1 on clean reals), one DDP forward ---
-    tr.D_raw.requires_grad_(True)
-    d_in, d_tau = [y_real, y_fake.detach()], [tau, tau]
-    if do_r1:
-        x_r1 = x0.detach().requires_grad_(True)
-        d_in.append(x_r1)
-        d_tau.append(torch.zeros_like(tau))
-    with dist.ddp_sync(tr.D, sync), amp:
-        logits = tr.D(with_cond(torch.cat(d_in), cond, len(d_in)), torch.cat(d_tau),
-                      None if y_d is None else y_d.repeat(len(d_in)))
-    logits = logits.float()
-    real_logits, fake_logits = logits[:B], logits[B:2 * B]
-    L_D = d_loss(real_logits, fake_logits, fake_weight=keep)
-    L_r1 = torch.zeros((), device=dev)
-    L_D_total = L_D
-    if do_r1:
-        # Lazy regularisation (StyleGAN2): every r1_every steps, weighted by gamma * r1_every
-        L_r1 = r1_penalty(logits[2 * B:], x_r1)
-        L_D_total = L_D + g.r1_gamma * g.r1_every * L_r1
-    tr.scaler_d.scale(L_D_total * loss_scale).backward()
-    # A NaN logit (a step about to be skipped) would turn into a garbage integer sign count
-    # and corrupt r_d for the whole window; count it as neither real nor fake instead.
-    tr.ada.accumulate(torch.nan_to_num(real_logits.detach(), nan=0.0), B)
+    d_out = d_backward(tr, cfg, x0, y_real, y_fake.detach(), tau, y_d, cond, keep, do_r1=do_r1, sync=sync,
+                       loss_scale=loss_scale)
 
     # -- Phase 4: G step with D frozen ------------------------------------------------------
     # The raw module, not the DDP wrapper: D's gradients are not wanted here, so there must
@@ -170,12 +208,7 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     L_G = L_diff + g.adv_weight * L_adv
     tr.scaler_g.scale(L_G * loss_scale).backward()
     tr.D_raw.requires_grad_(True)
-    # L_D is D's classification loss alone (2 ln 2 at chance): what the D-health guard judges and
-    # the status line shows. The lazy R1 term (gamma x r1_every on one step in r1_every) has its own
-    # scale and is logged apart as L_r1; mixed in, it made L_D jump on every R1 step.
-    return {"L_diff": L_diff.detach(), "L_adv": L_adv.detach(), "L_D": L_D.detach(),
-            "L_r1": L_r1.detach(), "D_real": real_logits.detach().mean(),
-            "D_fake": fake_logits.detach().mean()}
+    return {"L_diff": L_diff.detach(), "L_adv": L_adv.detach(), **d_out}
 
 
 def train_step(tr: Trainables, cfg: Config, micro_batches: list[tuple[torch.Tensor, Optional[torch.Tensor]]],

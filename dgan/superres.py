@@ -202,14 +202,8 @@ def read_lr_image(path: Path, channels: int) -> tuple[torch.Tensor, int]:
     """An LR image file -> (1 x C x h x w float in [-1, 1], its bit depth), read and converted
     exactly as dgan.data reads training images (8/16-bit PNG, JPG, TIFF; channels converted)."""
     from dgan.data.loader import collate  # albumentations/webdataset: slow to import
-    from dgan.data.sources import (
-        IMAGE_SUFFIXES,
-        ReadOptions,
-        Record,
-        SourceItem,
-        read_image_file,
-        to_stored,
-    )  # cv2/pydicom/nibabel: slow to import
+    from dgan.data.readers import read_image_file  # cv2/pydicom/nibabel: slow to import
+    from dgan.data.sources import IMAGE_SUFFIXES, ReadOptions, Record, SourceItem, to_stored  # as above
 
     if not path.is_file():
         raise SRRequestError(f"--super-resolve {path}: no such file")

@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py under torchrun: the trainer's own build_* functions and take_step
+"""Run by tests/test_ddp.py under torchrun: the Trainer's own build and step
 for a few steps, then every rank writes its state to a file, so the test can compare the
 ranks bit for bit (a checkpoint only ever holds rank 0's).
 
@@ -20,8 +20,8 @@ import torch
 
 from dgan import distributed as dist
 from dgan.config import load_config
-from dgan.train import (StopFlag, TrainState, batches_for, build_data, build_trainables, next_micro_batches, seed_everything,
-                        take_step)
+from dgan.stopping import StopFlag
+from dgan.trainer import Trainer
 
 
 def run_variant(spec: list[str], steps: int, device: torch.device) -> dict:
@@ -29,20 +29,18 @@ def run_variant(spec: list[str], steps: int, device: torch.device) -> dict:
     NaN image at step K: every rank must skip that step)."""
     poison = [int(o.split("=")[1]) for o in spec if o.startswith("poison_rank1_step=")]
     cfg = load_config(None, [o for o in spec if not o.startswith("poison_rank1_step=")])
-    seed_everything(cfg.train.seed)
-    data = build_data(cfg)
-    tr, ema, scheds = build_trainables(cfg, device)
+    trainer = Trainer.build(cfg, device)
+    tr, ema, state = trainer.tr, trainer.ema, trainer.state
     init_g = {k: v.clone() for k, v in tr.G_raw.state_dict().items()}
-    state = TrainState()
-    stream = batches_for(data, state, cfg)
+    stream = trainer.batches()
     first_x, channels_last, skipped = None, [], []
     for step in range(steps):
-        micro = next_micro_batches(stream, cfg, device)
+        micro = trainer.next_micro_batches(stream)
         first_x = micro[0][0].clone() if first_x is None else first_x
         channels_last.append(all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in micro))
         if step in poison and dist.get_rank() == 1:
             micro[0][0][0] = float("nan")
-        skipped.append(float(take_step(tr, ema, scheds, state, cfg, micro)["skipped"]))
+        skipped.append(float(trainer.step(micro)["skipped"]))
     return {"G": tr.G_raw.state_dict(), "D": tr.D_raw.state_dict(), "ema": ema.state_dict(),
             "ada": tr.ada.state_dict(), "init_G": init_g, "first_x": first_x, "channels_last": channels_last,
             "wrapped": type(tr.G).__name__, "images_seen": state.images_seen, "skipped": skipped,

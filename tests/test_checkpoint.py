@@ -23,7 +23,6 @@ from dgan.checkpoint import (
     CheckpointError,
     Checkpointer,
     load_checkpoint,
-    resolve_resume,
 )
 from dgan.resume_state import capture_rng_state, check_compatible, load_state_dict_strict, restore_rng_state
 
@@ -204,8 +203,6 @@ def test_truncated_newest_is_skipped_with_warning_not_deleted(tmp_path: Path) ->
     with pytest.raises(CheckpointError, match=r"ckpt-000000020\.pt is truncated or corrupt.*pass another checkpoint") as info:
         load_checkpoint(newest)
     assert "\n" not in str(info.value)
-    with pytest.warns(UserWarning):
-        assert resolve_resume("auto", tmp_path) == tmp_path / "ckpt-000000010.pt"
     newest.write_bytes(b"")  # a zero-byte file (killed before the first write) is also just skipped
     with pytest.warns(UserWarning, match="ckpt-000000020.pt"):
         assert ck.latest_valid() == tmp_path / "ckpt-000000010.pt"
@@ -254,22 +251,11 @@ def test_schema_too_new_missing_file_and_foreign_files(tmp_path: Path) -> None:
     missing = tmp_path / "nope" / "ckpt-000000042.pt"
     with pytest.raises(CheckpointError, match=r"nope/ckpt-000000042\.pt does not exist"):
         load_checkpoint(missing)
-    with pytest.raises(CheckpointError, match="ckpt-000000042.pt: no such checkpoint"):
-        resolve_resume(str(missing), tmp_path)
 
     foreign = tmp_path / "weights.pt"
     torch.save({"weight": torch.ones(2)}, foreign)
     with pytest.raises(CheckpointError, match=r"not a dgan checkpoint.*\['weight'\]"):
         load_checkpoint(foreign)
-
-
-def test_resolve_resume(tmp_path: Path) -> None:
-    assert resolve_resume(None, tmp_path) is None
-    assert resolve_resume("auto", tmp_path / "does-not-exist-yet") is None  # fresh start
-    _save_steps(Checkpointer(tmp_path), [3, 8])
-    assert resolve_resume("auto", tmp_path) == tmp_path / "ckpt-000000008.pt"
-    explicit = tmp_path / "ckpt-000000003.pt"
-    assert resolve_resume(str(explicit), tmp_path / "elsewhere") == explicit
 
 
 def test_check_compatible_lists_every_mismatch() -> None:

@@ -1,6 +1,6 @@
 """The new generator learns faster than the old one (issue 10): a learning test.
 
-The same tiny UNet++, data, seed and steps, trained with the real step (take_step) as pure
+The same tiny UNet++, data, seed and steps, trained with the real step (Trainer.step) as pure
 diffusion (adv_weight 0, so D's noise does not blur the comparison):
 - old: the generator as it was: eps prediction, t only as one FiLM per encoder stage, constant lr;
 - new: the shipped defaults: v prediction, every GroupNorm modulated by (t, y), cosine lr.
@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from dgan.config import load_config
-from dgan.data import build_train_data
 from dgan.data.synthetic import make_phantoms
-from dgan.train import TrainState, build_trainables, seed_everything, take_step
+from dgan.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 
@@ -52,13 +51,11 @@ def train_and_score(tmp_path, tiny_overrides, generator: list[str]) -> float:
     cfg = load_config(None, tiny_overrides + generator + [f"train.batch_size={BATCH}",
         "data.num_images=256", f"data.cache_dir={tmp_path / 'cache'}", "gan.adv_weight=0",
         "train.warmup_kimg=0.1", f"train.total_kimg={STEPS * BATCH / 1000}", "train.device=cpu"])
-    seed_everything(0)
-    data = build_train_data(cfg.data, image_size=32, channels=1, batch_size=BATCH, seed=0, rank=0, world_size=1)
-    tr, ema, scheds = build_trainables(cfg, torch.device("cpu"))
-    state = TrainState()
+    trainer = Trainer.build(cfg, torch.device("cpu"))  # seeded as dgan.train seeds it (train.seed=0)
+    data, tr, state = trainer.data, trainer.tr, trainer.state
     while state.step < STEPS:
         for x, y in data.epoch(state.step // data.batches_per_epoch):
-            take_step(tr, ema, scheds, state, cfg, [(x, y)])
+            trainer.step([(x, y)])
             if state.step == STEPS:
                 break
     return denoising_error(tr.G_raw, tr.diffusion, held_out_images())

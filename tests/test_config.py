@@ -107,7 +107,7 @@ def test_a_schedule_that_leaves_signal_at_T_is_refused_with_the_fix():
 
 def test_periodic_frd_is_a_metric_and_a_missing_extra_stops_before_training(monkeypatch):
     from dgan import metrics
-    from dgan.train import check_eval_ready
+    from dgan.monitor import check_eval_ready
 
     cfg = load_config(None, ["eval.every_kimg=1", "eval.metrics=[psnr,frd]", "eval.best_metric=frd"])
     assert cfg.eval.metrics == ["psnr", "frd"]

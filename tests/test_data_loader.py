@@ -16,8 +16,8 @@ import torch
 from data_helpers import (batches_as_indices, count_duplicates, data_cfg, indices_of, tree_digest,
                           write_index_shards)
 from dgan.data import DataError, build_eval_images, build_train_data
-from dgan.data.loader import phantom_cache
-from dgan.data.shards import cached_shards
+from dgan.data.build import phantom_cache
+from dgan.data.shard_sets import cached_shards
 
 
 def build(folder: Path, *, batch: int = 4, rank: int = 0, world: int = 1, seed: int = 3, **cfg):

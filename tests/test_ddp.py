@@ -1,7 +1,7 @@
 """Distributed training with real `torchrun --nproc_per_node=2` (gloo, CPU), run as users run it.
 
 Each torchrun launch costs ~10 s of start-up on 2 cores, so the tests are few and each
-checks several things: rank agreement (tests/ddp_worker.py), exact 2-rank resume plus a
+checks several things: rank agreement (tests/ddp_worker.py), exact resume (1 and 2 ranks), a
 2 -> 1 world-size change, preemption with grad accumulation, a SIGKILL mid-checkpoint.
 """
 from __future__ import annotations
@@ -108,31 +108,35 @@ def test_ranks_stay_identical_and_agree_to_stop(root, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# 2: exact resume with 2 ranks
+# 2: exact resume, in one process and with 2 ranks
 
 
-def test_two_rank_resume_is_exact(root):
-    """2N steps straight == N, stop, --resume auto to 2N (G, D, EMA to 1e-6), with 2 ranks.
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_is_exact(root, nproc):
+    """2N steps straight == N, stop, --resume auto to 2N (G, D, EMA to 1e-6), as one process (a world
+    of one: no process group) and as 2 ranks under torchrun.
 
-    N=5 stops mid-epoch (8 batches per rank per epoch), between adaptive-T updates (every 3
-    steps: a partial r_d window per rank) and between R1 steps (every 4).
+    The stop falls mid-epoch (16 batches per epoch for one rank, 8 per rank for two), between
+    adaptive-T updates (every 3 steps: a partial r_d window per rank) and between R1 steps (every 4).
     """
     # lr_decay_kimg: the split run's first half stops through a shorter total_kimg, which would
     # otherwise be a shorter cosine horizon; pinned, both runs follow the same lr curve.
     common = ["gan.ada_interval=3", "gan.r1_every=4", "gan.ada_kimg=0.05", "train.lr_decay_kimg=0.08"]
-    run(train_cmd(2, root, "log.run_name=straight", "train.total_kimg=0.08", *common))
-    run(train_cmd(2, root, "log.run_name=split", "train.total_kimg=0.04", *common))
-    b2 = run(train_cmd(2, root, "log.run_name=split", "train.total_kimg=0.08", "--resume", "auto", *common))
-    assert "at step 5 (40 images seen)" in b2.stdout and "data position: epoch 0, batch 5 of 8" in b2.stdout
-    sa, sb = (load_checkpoint(ckpts(root / n)[-1])["state"] for n in ("straight", "split"))
-    assert sa["trainer"]["step"] == sb["trainer"]["step"] == 10
+    straight, split = f"straight{nproc}", f"split{nproc}"
+    half = 40 // (4 * nproc)  # steps in 0.04 kimg at 4 images per rank
+    run(train_cmd(nproc, root, f"log.run_name={straight}", "train.total_kimg=0.08", *common))
+    run(train_cmd(nproc, root, f"log.run_name={split}", "train.total_kimg=0.04", *common))
+    b2 = run(train_cmd(nproc, root, f"log.run_name={split}", "train.total_kimg=0.08", "--resume", "auto", *common))
+    assert f"at step {half} (40 images seen)" in b2.stdout
+    assert f"data position: epoch 0, batch {half} of {64 // (4 * nproc)}" in b2.stdout
+    sa, sb = (load_checkpoint(ckpts(root / n)[-1])["state"] for n in (straight, split))
+    assert sa["trainer"]["step"] == sb["trainer"]["step"] == 2 * half
     for part in ("G", "D", "ema"):
         assert max_diff(sa[part], sb[part]) <= 1e-6, part
     assert sa["ada"] == sb["ada"] and sa["opt_g"]["state"][0]["step"] == sb["opt_g"]["state"][0]["step"]
-    first = load_checkpoint(ckpts(root / "split")[0])
-    assert first["metadata"]["world_size"] == 2 and len(first["state"]["per_rank"]) == 2
+    first = load_checkpoint(ckpts(root / split)[0])
+    assert first["metadata"]["world_size"] == nproc and len(first["state"]["per_rank"]) == nproc
     assert max_diff(first["state"]["G"], sa["G"]) > 1e-4  # training moved the weights: not vacuous
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -246,7 +250,7 @@ def test_compile_wraps_ddp_and_checkpoints_hold_the_plain_generator(tmp_path):
     kernels), too slow for CI: we check the wiring, not compiled steps."""
     from dgan.config import load_config
     from dgan.models import Generator
-    from dgan.train import TrainState, build_components, build_trainables
+    from dgan.trainer import Trainer
     cfg = load_config(None, TINY + ["model.compile=true"])
     with world_of_one(tmp_path):
         ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
@@ -255,10 +259,11 @@ def test_compile_wraps_ddp_and_checkpoints_hold_the_plain_generator(tmp_path):
         with dist.ddp_sync(compiled, sync=False):
             assert not ddp.require_backward_grad_sync
         assert ddp.require_backward_grad_sync and dist.unwrap(compiled) is ddp.module
-    tr, ema, scheds = build_trainables(cfg, torch.device("cpu"))
+    trainer = Trainer.build(cfg, torch.device("cpu"), data=False)
+    tr = trainer.tr
     assert isinstance(tr.G, torch._dynamo.eval_frame.OptimizedModule)
     assert type(tr.G_raw) is Generator
-    keys = list(build_components(tr, ema, scheds, TrainState())["G"].state_dict())
+    keys = list(trainer.components()["G"].state_dict())
     assert keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
 
 

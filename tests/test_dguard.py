@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dgan.config import load_config
-from dgan.data import build_train_data
 from dgan.dguard import DHealthGuard
-from dgan.train import MetricWindow, TrainState, build_trainables, seed_everything, take_step
+from dgan.monitor import MetricWindow
+from dgan.trainer import Trainer, build_trainables
 
 HEALTHY = {"L_D": 1.3, "D_real": 0.4, "D_fake": -0.3}
 
@@ -57,18 +57,18 @@ def test_guard_is_off_for_pure_diffusion(tiny_overrides):
 def run(tmp_path, tiny_overrides, guard_on: bool, steps: int = 60, blow_up_at: int = 30, every: int = 10):
     """Train the hybrid, make D run away at step `blow_up_at` (its head's weights x1000: logits in the
     thousands, what a runaway leaves behind), and keep training; return the per-interval L_D and the guard."""
-    cfg, tr, ema, scheds = build(tiny_overrides, "train.batch_size=8", f"gan.guard={str(guard_on).lower()}",
-                                 "data.num_images=64", f"data.cache_dir={tmp_path / 'cache'}", "train.device=cpu",
-                                 f"log.every_steps={every}")
-    seed_everything(0)
-    data = build_train_data(cfg.data, image_size=32, channels=1, batch_size=8, seed=0, rank=0, world_size=1)
-    guard, state, window, history = DHealthGuard(cfg.gan, tr, scheds[1]), TrainState(), MetricWindow(), []
+    cfg = load_config(None, tiny_overrides + ["train.batch_size=8", f"gan.guard={str(guard_on).lower()}",
+                      "data.num_images=64", f"data.cache_dir={tmp_path / 'cache'}", "train.device=cpu",
+                      f"log.every_steps={every}"])
+    trainer = Trainer.build(cfg, torch.device("cpu"))
+    tr, data, guard, state = trainer.tr, trainer.data, trainer.guard, trainer.state
+    window, history = MetricWindow(), []
     while state.step < steps:
         for x, y in data.epoch(state.step // data.batches_per_epoch):
             if state.step == blow_up_at:
                 with torch.no_grad():
                     tr.D_raw.head.weight.mul_(1000.0)
-            window.add(take_step(tr, ema, scheds, state, cfg, [(x, y)]))
+            window.add(trainer.step([(x, y)]))
             if state.step % every == 0:
                 m = window.reduce()
                 guard.check(m, state.step)

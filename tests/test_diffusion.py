@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dgan.config import load_config
-from dgan.diffusion import Diffusion, make_betas
+from dgan.diffusion import Diffusion
+from dgan.schedules import make_betas
 
 T = 1000
 PINNED_T = (0, 10, 100, 500, 999)

@@ -213,7 +213,7 @@ def test_samples_do_not_depend_on_batch_size_or_rank_split(loaded):
 
 
 def test_gather_refuses_duplicates_and_gaps():
-    from dgan.evaluate import EvalError
+    from dgan.errors import EvalError
     from dgan.generation import gather_in_order
 
     images = torch.arange(3, dtype=torch.uint8).view(3, 1, 1, 1)
@@ -239,7 +239,7 @@ class _Oracle(torch.nn.Module):
 
 
 def test_reconstruction_metrics_score_an_oracle_as_perfect(loaded):
-    from dgan.evaluate import reconstruction_metrics
+    from dgan.scoring import reconstruction_metrics
     from dgan.data.synthetic import make_phantoms
 
     _, _, diffusion, _ = loaded
@@ -257,7 +257,7 @@ def test_reconstruction_metrics_score_an_oracle_as_perfect(loaded):
 
 
 def test_evaluate_generator_returns_only_the_requested_metrics(loaded, extractor, tmp_path):
-    from dgan.evaluate import evaluate_generator
+    from dgan.scoring import evaluate_generator
 
     G, cfg, diffusion, _ = loaded
     G.train()
@@ -290,7 +290,8 @@ def test_reference_split_and_label_shift_warning():
 
 
 def test_bad_requests_fail_before_any_work(extractor):
-    from dgan.evaluate import EvalError, check_request
+    from dgan.errors import EvalError
+    from dgan.scoring import check_request
 
     ok = dict(sampler="ddim", steps=4, num_samples=8, t_values=(10, 50), num_steps=100, extractor_path=extractor)
     assert check_request(["fid", "psnr"], **ok)["name"] == "torchscript"
@@ -309,7 +310,8 @@ def test_bad_requests_fail_before_any_work(extractor):
 
 def test_per_class_without_fid_or_kid_is_a_clear_error():
     from dgan.config import load_config
-    from dgan.evaluate import EvalError, run_evaluation
+    from dgan.errors import EvalError
+    from dgan.scoring import run_evaluation
 
     cfg = load_config(None, ["model.num_classes=2"])
     with pytest.raises(EvalError, match="--per-class scores FID/KID per class; add --fid"):

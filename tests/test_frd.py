@@ -78,7 +78,7 @@ def test_frd_refuses_flat_images_and_bad_shapes(frd_installed, xrays):
 
 @pytest.mark.parametrize("module", ["frd_score", "radiomics"])
 def test_missing_extra_names_the_install_command(module, monkeypatch, capsys):
-    from dgan import evaluate
+    from dgan import evaluate, scoring
 
     monkeypatch.setitem(sys.modules, module, None)  # `import <module>` now fails, as when not installed
     images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
@@ -86,7 +86,7 @@ def test_missing_extra_names_the_install_command(module, monkeypatch, capsys):
         frd(images, images)
     assert 'pip install -e ".[frd]"' in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(MetricError, match=r"\[frd\]"):
-        evaluate.check_request(["fid", "frd"], sampler="ddim", steps=4, num_samples=8, t_values=(), num_steps=None)
+        scoring.check_request(["fid", "frd"], sampler="ddim", steps=4, num_samples=8, t_values=(), num_steps=None)
     # The CLI stops before it even looks for the checkpoint (which does not exist here).
     assert evaluate.main(["--frd", "--checkpoint", "/nonexistent/ckpt.pt", "--no-mlflow"]) == 1
     assert 'pip install -e ".[frd]"' in capsys.readouterr().err
@@ -110,7 +110,7 @@ def test_cli_frd_goes_to_the_json_and_the_table(frd_installed, run_dir, tmp_path
 
 
 def test_evaluate_generator_computes_frd(frd_installed, run_dir):
-    from dgan.evaluate import evaluate_generator
+    from dgan.scoring import evaluate_generator
     from dgan.generation import load_generator
 
     checkpoint = max((run_dir / "checkpoints").glob("ckpt-0*.pt"))

@@ -14,18 +14,8 @@ from cli_helpers import run_cli, tiny_run
 from PIL import Image
 
 from dgan.diffusion import Diffusion
-from dgan.inpaint import (
-    InpaintError,
-    box_mask,
-    brush_mask,
-    inpaint,
-    jump_schedule,
-    mask_from_array,
-    masked_psnr_ssim,
-    mean_fill,
-    paste_hook,
-    read_input_image,
-)
+from dgan.inpaint import inpaint, jump_schedule, masked_psnr_ssim, mean_fill, paste_hook, read_input_image
+from dgan.masks import InpaintError, box_mask, brush_mask, mask_from_array
 
 pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 

@@ -1,6 +1,6 @@
 """The model learns (issue 2, part 9): real G and D, the real hybrid step, tiny phantom data.
 
-Runs the training step exactly as dgan.train does (build_trainables + take_step: the hybrid step,
+Runs the training step exactly as dgan.train does (Trainer.build + Trainer.step: the hybrid step,
 lr schedule, EMA and adaptive T), but in-process, so the loss can be read every step without the
 trainer's once-per-interval sync.
 """
@@ -10,9 +10,8 @@ import torch
 from scipy.stats import wasserstein_distance
 
 from dgan.config import load_config
-from dgan.data import build_train_data
 from dgan.generation import generate
-from dgan.train import TrainState, build_trainables, seed_everything, take_step
+from dgan.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 
@@ -27,14 +26,13 @@ def trained(tmp_path_factory):
                              "data.num_images=256", f"data.cache_dir={cache}", "train.lr_g=1e-3",
                              "train.lr_d=2e-4", "train.warmup_kimg=0.1", "train.ema_halflife_kimg=0.3",
                              "train.device=cpu"])
-    seed_everything(0)
-    data = build_train_data(cfg.data, image_size=32, channels=1, batch_size=16, seed=0, rank=0, world_size=1)
-    tr, ema, scheds = build_trainables(cfg, torch.device("cpu"))
+    trainer = Trainer.build(cfg, torch.device("cpu"))  # seeded as dgan.train seeds it (train.seed=0)
+    data, tr, ema = trainer.data, trainer.tr, trainer.ema
     untrained = generate(ema.module, tr.diffusion, n=64, steps=20, seed=1, channels=1, image_size=32)
-    losses, state = [], TrainState()
+    losses, state = [], trainer.state
     while state.step < STEPS:
         for x, y in data.epoch(state.step // data.batches_per_epoch):
-            m = take_step(tr, ema, scheds, state, cfg, [(x, y)])
+            m = trainer.step([(x, y)])
             losses.append(float(m["L_diff"]))  # test-only host read
             if state.step == STEPS:
                 break

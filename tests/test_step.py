@@ -8,7 +8,7 @@ import dgan.step as step_mod
 from dgan.config import load_config
 from dgan.losses import diffusion_loss
 from dgan.step import micro_step, train_step
-from dgan.train import build_trainables
+from dgan.trainer import build_trainables
 
 
 def make(tiny_overrides, *extra):

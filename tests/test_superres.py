@@ -74,7 +74,7 @@ def test_make_lr_averages_blocks_and_upsample_is_bicubic_in_range():
 
 def test_sr_step_conditions_g_and_d_on_the_lr():
     from dgan.step import micro_step
-    from dgan.train import build_trainables
+    from dgan.trainer import build_trainables
 
     cfg = load_config(None, TINY + SR + ["gan.adv_t_max=999"])
     torch.manual_seed(0)
@@ -159,7 +159,7 @@ def test_sample_cli_refuses_requests_that_do_not_fit(sr_run, tmp_path, capsys, a
 def _generator_checkpoint(tmp_path: Path) -> Path:
     """A plain (model.task=generate) checkpoint with untrained EMA weights, written in-process."""
     from dgan.ema import EMA
-    from dgan.train import build_models
+    from dgan.trainer import build_models
 
     cfg = load_config(None, TINY + ["train.device=cpu"])
     G, _ = build_models(cfg, torch.device("cpu"))
@@ -184,25 +184,20 @@ def test_non_sr_checkpoints_are_refused_clearly(tmp_path, capsys):
 def test_sr_checkpoint_loads_and_resumes_as_sr_only(sr_run):
     from dgan.config import Config, config_from_dict
     from dgan.generation import generate, load_generator
-    from dgan.train import (
-        TrainState,
-        build_components,
-        build_trainables,
-        restore_checkpoint,
-    )
+    from dgan.trainer import Trainer
 
     ckpt, cpu = _checkpoint(sr_run[0]), torch.device("cpu")
     G, cfg, diffusion, _ = load_generator(ckpt, cpu)
     assert cfg.model.task == "sr" and G.cond_channels == 1  # built from the stored config
     with pytest.raises(ValueError, match="--super-resolve"):
         generate(G, diffusion, n=1, channels=1, image_size=32)  # noise alone makes no sense for SR
-    comps = build_components(*build_trainables(cfg, cpu), TrainState())
-    restore_checkpoint(ckpt, comps, cfg, cpu)  # G and D (2 input channels) load strictly, EMA, optimizers
-    assert comps["trainer"].step > 0
+    trainer = Trainer.build(cfg, cpu, data=False)
+    trainer.restore(ckpt)  # G and D (2 input channels) load strictly, EMA, optimizers
+    assert trainer.state.step > 0
     plain = to_dict(cfg)
     # the same run as a plain generator (its SR-only eval keys and low-noise schedule put back)
     plain["model"]["task"], plain["eval"], plain["diffusion"] = "generate", *[to_dict(Config())[k]
                                                                             for k in ("eval", "diffusion")]
     plain = config_from_dict(plain)
     with pytest.raises(CheckpointError, match="model.task: checkpoint has sr, config has generate"):
-        restore_checkpoint(ckpt, build_components(*build_trainables(plain, cpu), TrainState()), plain, cpu)
+        Trainer.build(plain, cpu, data=False).restore(ckpt)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from dgan.tracking import (MAX_PARAM_VALUE_CHARS, Progress, Tracker, default_tracking_uri,
-                           flatten)
+from dgan.progress import Progress
+from dgan.tracking import MAX_PARAM_VALUE_CHARS, Tracker, default_tracking_uri, flatten
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "tracking-tests"

@@ -22,11 +22,6 @@ def run_train(root: Path, *args: str, timeout: int = 300) -> subprocess.Complete
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def final_state(run_dir: Path) -> dict:
-    ckpts = sorted((run_dir / "checkpoints").glob("ckpt-0*.pt"))
-    return load_checkpoint(ckpts[-1])["state"]
-
-
 def test_quick_start_leaves_a_complete_run_dir(tmp_path):
     r = run_train(tmp_path, "log.run_name=qs", "train.total_kimg=0.04")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -46,32 +41,6 @@ def test_quick_start_leaves_a_complete_run_dir(tmp_path):
     assert "config.yaml" in arts and "samples" in arts
     for key in ("L_diff", "L_adv", "L_D", "r_d", "T_adapt", "img/s"):
         assert key in r.stdout, key  # the status line carries the MLflow keys
-
-
-def max_diff(a: dict, b: dict) -> float:
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
-
-
-def test_resume_is_exact_single_process(tmp_path):
-    """2N steps straight == N steps, stop, --resume auto to 2N (G, D and EMA to 1e-6)."""
-    # lr_decay_kimg: the split run's first half stops through a shorter total_kimg, which would
-    # otherwise be a shorter cosine horizon; pinned, both runs follow the same lr curve.
-    common = ["gan.ada_interval=3", "gan.r1_every=4", "gan.ada_kimg=0.05", "train.lr_decay_kimg=0.08"]
-    a = run_train(tmp_path, "log.run_name=straight", "train.total_kimg=0.08", *common)
-    assert a.returncode == 0, a.stderr[-3000:]
-    b1 = run_train(tmp_path, "log.run_name=split", "train.total_kimg=0.04", *common)
-    assert b1.returncode == 0, b1.stderr[-3000:]
-    b2 = run_train(tmp_path, "log.run_name=split", "train.total_kimg=0.08", "--resume", "auto", *common)
-    assert b2.returncode == 0, b2.stderr[-3000:]
-    assert "resumed from" in b2.stdout and "at step 10" in b2.stdout
-    sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
-    assert sa["trainer"]["step"] == sb["trainer"]["step"] == 20
-    for part in ("G", "D", "ema"):
-        assert max_diff(sa[part], sb[part]) <= 1e-6, part
-    assert sa["ada"] == sb["ada"]
-    # and training really moved the weights, so equality is not vacuous
-    first = load_checkpoint(sorted((tmp_path / "split" / "checkpoints").glob("ckpt-0*.pt"))[0])["state"]
-    assert max_diff(first["G"], sa["G"]) > 1e-4
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGUSR1, 75), (signal.SIGINT, 130)])

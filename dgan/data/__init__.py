@@ -1,8 +1,11 @@
 """Data: medical images -> webdataset shards -> DDP-safe training batches.
 
-- `sources`    readers for PNG/JPG/TIFF, DICOM, NIfTI and MedMNIST npz, and the patient split
-- `shards`     the writer CLI (`python -m dgan.data.shards`), manifests, the built-in cache
-- `loader`     `build_train_data` / `TrainData` and `build_eval_images`
+- `sources`    discovery, pixel conventions, MedMNIST npz, and the patient split
+- `readers`    one reader per file format: PNG/JPG/TIFF, DICOM, NIfTI
+- `shards`     the writer CLI (`python -m dgan.data.shards`) and manifests
+- `shard_sets` shard patterns -> ShardSet, and the built-in sources' cache
+- `loader`     `TrainData`: DDP-safe batches from shards
+- `build`      `build_train_data` (shards or a built-in source) and `build_eval_images`
 - `transforms` albumentations training augmentation
 - `synthetic`  procedural phantoms, the built-in default dataset
 
@@ -14,8 +17,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"TrainData": "dgan.data.loader", "build_train_data": "dgan.data.loader",
-            "build_eval_images": "dgan.data.loader", "DataError": "dgan.data.sources"}
+_EXPORTS = {"TrainData": "dgan.data.loader", "build_train_data": "dgan.data.build",
+            "build_eval_images": "dgan.data.build", "DataError": "dgan.data.sources"}
 __all__ = sorted(_EXPORTS)
 
 

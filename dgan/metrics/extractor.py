@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dgan.atomic import write_atomic
 from dgan.metrics.fidelity import MetricError
 
 # --------------------------------------------------------------------------------------------------
@@ -48,13 +49,10 @@ def _save_scripted(module: nn.Module, out_path: str | os.PathLike[str]) -> Path:
     """Script ``module`` in eval mode on CPU and write it atomically (readers never see a partial file)."""
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript deprecation, see load_scripted
         scripted = torch.jit.script(module.cpu().eval())
-        torch.jit.save(scripted, str(tmp))
-    os.replace(tmp, out)
-    return out
+        return write_atomic(out, lambda f: torch.jit.save(scripted, f))
 
 
 def build_tiny_extractor(
