@@ -49,12 +49,14 @@ def _masked_mean(loss_fn: Callable[[Tensor], Tensor], logits: Tensor, weight: Op
 def d_loss(real_logits: Tensor, fake_logits: Tensor, *, fake_weight: Optional[Tensor] = None) -> Tensor:
     """Non-saturating logistic D loss: ``mean softplus(-real) + mean softplus(fake)``.
 
-    ``fake_weight`` is an optional 0/1 mask ``[B]`` over fakes (the hybrid step
-    keeps only fakes whose diffusion t <= adv_t_max); the fake term then averages
-    over kept fakes only and is 0 when none is kept.
+    ``fake_weight`` is an optional 0/1 mask ``[B]`` over fakes; the fake term then averages
+    over kept fakes only and is 0 when none is kept, as it is for an empty ``fake_logits``
+    (the hybrid step passes only the fakes whose diffusion t <= adv_t_max).
     """
-    fake_term = _masked_mean(F.softplus, fake_logits, fake_weight)
-    return F.softplus(-real_logits).mean() + fake_term
+    real_term = F.softplus(-real_logits).mean()
+    if fake_logits.shape[0] == 0:  # a batch that yielded no fake (a shape: no device sync)
+        return real_term
+    return real_term + _masked_mean(F.softplus, fake_logits, fake_weight)
 
 
 def g_adv_loss(fake_logits: Tensor, weight: Optional[Tensor] = None) -> Tensor:

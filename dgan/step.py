@@ -1,7 +1,9 @@
 """One Diffusion-GAN hybrid training step (DESIGN.md, "One training step").
 
 Per micro-batch: ONE generator forward gives G's output (the diffusion loss) and, through
-x0_hat, the fake image. D learns on diffused real vs diffused (detached) fake; G learns from
+x0_hat, the fake images: only samples with t <= adv_t_max make one, and the timesteps are drawn
+with those k samples first (draw_timesteps), so D runs on the k fakes rather than on all B under a
+mask. D learns on diffused real vs diffused (detached) fake; G learns from
 L_diff + adv_weight * L_adv with D frozen. Then both optimizers step.
 
 Both players see the same D weights within a step (simultaneous updates). We do this on
@@ -116,8 +118,8 @@ def apply_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, found_i
     del opt.found_inf, opt.grad_scale
 
 
-def with_cond(x: torch.Tensor, cond: torch.Tensor | None, copies: int = 1) -> torch.Tensor:
-    """D's input: the image, plus (task=sr) the upsampled LR channel-wise, once per stacked copy.
+def with_cond(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """D's input: the image, plus (task=sr) the upsampled LR of the same samples, channel-wise.
 
     Why a conditional D for SR: an unconditional D only asks "is this a plausible HR image?",
     so G could satisfy it with sharp detail that contradicts the LR. Seeing the LR next to
@@ -125,45 +127,69 @@ def with_cond(x: torch.Tensor, cond: torch.Tensor | None, copies: int = 1) -> to
     with tau: it is a clean observation at test time, and noising it would hide the very
     consistency that D is meant to check.
     """
-    return x if cond is None else torch.cat([x, cond.repeat(copies, 1, 1, 1)], dim=1)
+    return x if cond is None else torch.cat([x, cond], dim=1)
+
+
+def draw_timesteps(batch: int, num_steps: int, adv_t_max: int, device: torch.device
+                   ) -> tuple[torch.Tensor, int]:
+    """Uniform diffusion timesteps for a batch, the ones that yield fakes (t <= adv_t_max) first;
+    returns (t [batch], k = how many of them yield fakes).
+
+    Why: D only judges fakes from t <= adv_t_max, about 1 sample in 10. k is drawn first, as a
+    Binomial(batch, (adv_t_max + 1) / T) on the CPU generator (a host number: no device sync, and
+    its state is checkpointed); then k timesteps from [0, adv_t_max] and the rest from the others.
+    On an exchangeable (shuffled) batch that is exactly the law of `batch` uniform draws, and D runs
+    on k fakes instead of all B fakes under a mask: the same losses at about half D's cost.
+    """
+    p = min(1.0, (adv_t_max + 1) / num_steps)
+    k = int(torch.binomial(torch.tensor(float(batch)), torch.tensor(p)))
+    low = torch.randint(0, adv_t_max + 1, (k,), device=device)
+    if k == batch:
+        return low, k
+    high = torch.randint(adv_t_max + 1, num_steps, (batch - k,), device=device)
+    return torch.cat([low, high]), k
 
 
 def d_backward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor,
-               tau: torch.Tensor, y_d: Optional[torch.Tensor], cond: Optional[torch.Tensor], keep: torch.Tensor,
+               tau: torch.Tensor, y_d: Optional[torch.Tensor], cond: Optional[torch.Tensor],
                *, do_r1: bool, sync: bool, loss_scale: float) -> dict[str, torch.Tensor]:
-    """D's forward/backward on diffused reals and (detached) fakes, plus lazy R1 on clean reals, in
-    one DDP forward; feeds r_d to the adaptive-T controller. Returns D's detached metrics.
+    """D's forward/backward on the B diffused reals and the k (detached) fakes, which are the first
+    k samples, plus lazy R1 on clean reals, in one DDP forward; feeds r_d to the adaptive-T
+    controller. Returns D's detached metrics.
 
     L_D is D's classification loss alone (2 ln 2 at chance): what the D-health guard judges and the
     status line shows. The lazy R1 term (gamma x r1_every on one step in r1_every) has its own scale
     and is logged apart as L_r1; mixed in, it made L_D jump on every R1 step.
     """
-    g, dev, B = cfg.gan, x0.device, x0.shape[0]
+    g, dev, B, k = cfg.gan, x0.device, x0.shape[0], y_fake.shape[0]
     amp = autocast_for(cfg.train.precision, dev)
     tr.D_raw.requires_grad_(True)
-    d_in, d_tau = [y_real, y_fake], [tau, tau]
+    parts = [slice(None), slice(0, k)]  # which samples each stacked block of D's input belongs to
+    d_in, d_tau = [y_real, y_fake], [tau, tau[:k]]
     if do_r1:
         x_r1 = x0.detach().requires_grad_(True)
+        parts.append(slice(None))
         d_in.append(x_r1)
         d_tau.append(torch.zeros_like(tau))
+    x_in = torch.cat([with_cond(x, None if cond is None else cond[p]) for x, p in zip(d_in, parts)])
     with dist.ddp_sync(tr.D, sync), amp:
-        logits = tr.D(with_cond(torch.cat(d_in), cond, len(d_in)), torch.cat(d_tau),
-                      None if y_d is None else y_d.repeat(len(d_in)))
+        logits = tr.D(x_in, torch.cat(d_tau), None if y_d is None else torch.cat([y_d[p] for p in parts]))
     logits = logits.float()
-    real_logits, fake_logits = logits[:B], logits[B:2 * B]
-    L_D = d_loss(real_logits, fake_logits, fake_weight=keep)
+    real_logits, fake_logits = logits[:B], logits[B:B + k]
+    L_D = d_loss(real_logits, fake_logits)
     L_r1 = torch.zeros((), device=dev)
     L_D_total = L_D
     if do_r1:
         # Lazy regularisation (StyleGAN2): every r1_every steps, weighted by gamma * r1_every
-        L_r1 = r1_penalty(logits[2 * B:], x_r1)
+        L_r1 = r1_penalty(logits[B + k:], x_r1)
         L_D_total = L_D + g.r1_gamma * g.r1_every * L_r1
     tr.scaler_d.scale(L_D_total * loss_scale).backward()
     # A NaN logit (a step about to be skipped) would turn into a garbage integer sign count
     # and corrupt r_d for the whole window; count it as neither real nor fake instead.
     tr.ada.accumulate(torch.nan_to_num(real_logits.detach(), nan=0.0), B)
-    return {"L_D": L_D.detach(), "L_r1": L_r1.detach(), "D_real": real_logits.detach().mean(),
-            "D_fake": fake_logits.detach().mean()}
+    # k = 0 (a batch with no fake): D_fake reads 0 rather than the NaN mean of nothing.
+    d_fake = fake_logits.detach().mean() if k > 0 else torch.zeros((), device=dev)
+    return {"L_D": L_D.detach(), "L_r1": L_r1.detach(), "D_real": real_logits.detach().mean(), "D_fake": d_fake}
 
 
 def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.Tensor],
@@ -179,35 +205,37 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     # trainer, DDP workers, benchmarks) keeps passing plain (x0, y) micro-batches.
     cond = sr_condition(x0, cfg.model.sr_scale) if cfg.model.task == "sr" else None
 
-    # -- Phase 1: one G forward -> diffusion loss and the fake x0_hat ----------------------
-    t = torch.randint(0, tr.diffusion.num_steps, (B,), device=dev)
+    # -- Phase 1: one G forward -> diffusion loss, and the fakes x0_hat of the first k samples ----
+    # Large-t reconstructions are blurry means, not fakes: only t <= adv_t_max yields one.
+    t, k = draw_timesteps(B, tr.diffusion.num_steps, g.adv_t_max, dev)
     eps = torch.randn_like(x0)
     x_t = tr.diffusion.q_sample(x0, t, eps)
     with dist.ddp_sync(tr.G, sync), amp:
         out = tr.G(x_t, t, y_g, cond).float()
     L_diff = diffusion_loss(out, tr.diffusion.training_target(x0, t, eps), tr.diffusion.loss_weight(t, cfg.diffusion.min_snr_gamma))
-    x0_hat = tr.diffusion.model_x0(x_t, t, out).clamp(-1, 1)
-    keep = (t <= g.adv_t_max).float()  # large-t reconstructions are blurry means, not fakes
+    x0_hat = tr.diffusion.model_x0(x_t[:k], t[:k], out[:k]).clamp(-1, 1)
 
     # -- Phase 2: Diffusion-GAN instance noise on real and fake -----------------------------
     tau = sample_tau(B, tr.ada.t_adapt, t_max=g.t_max, dist=g.tau_dist, device=dev)
     y_real = diffuse(x0, tau, tr.diffusion.alpha_bar, g.sigma)
-    y_fake = diffuse(x0_hat, tau, tr.diffusion.alpha_bar, g.sigma)
+    y_fake = diffuse(x0_hat, tau[:k], tr.diffusion.alpha_bar, g.sigma)
 
     # -- Phase 3: D on real and detached fake (+ lazy R1 on clean reals), one DDP forward ---
-    d_out = d_backward(tr, cfg, x0, y_real, y_fake.detach(), tau, y_d, cond, keep, do_r1=do_r1, sync=sync,
+    d_out = d_backward(tr, cfg, x0, y_real, y_fake.detach(), tau, y_d, cond, do_r1=do_r1, sync=sync,
                        loss_scale=loss_scale)
 
     # -- Phase 4: G step with D frozen ------------------------------------------------------
     # The raw module, not the DDP wrapper: D's gradients are not wanted here, so there must
     # be no reducer waiting for them (and no wasted all-reduce).
-    tr.D_raw.requires_grad_(False)
-    with amp:
-        fake_logits_g = tr.D_raw(with_cond(y_fake, cond), tau, y_d).float()
-    L_adv = g_adv_loss(fake_logits_g, weight=keep)
-    L_G = L_diff + g.adv_weight * L_adv
-    tr.scaler_g.scale(L_G * loss_scale).backward()
-    tr.D_raw.requires_grad_(True)
+    L_adv = torch.zeros((), device=dev)
+    if k > 0:  # a host number: no sync
+        tr.D_raw.requires_grad_(False)
+        with amp:
+            fake_logits_g = tr.D_raw(with_cond(y_fake, None if cond is None else cond[:k]), tau[:k],
+                                     None if y_d is None else y_d[:k]).float()
+        L_adv = g_adv_loss(fake_logits_g)
+        tr.D_raw.requires_grad_(True)
+    tr.scaler_g.scale((L_diff + g.adv_weight * L_adv) * loss_scale).backward()
     return {"L_diff": L_diff.detach(), "L_adv": L_adv.detach(), **d_out}
 
 

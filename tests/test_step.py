@@ -7,7 +7,7 @@ import torch
 import dgan.step as step_mod
 from dgan.config import load_config
 from dgan.losses import diffusion_loss
-from dgan.step import micro_step, train_step
+from dgan.step import draw_timesteps, micro_step, train_step
 from dgan.trainer import build_trainables
 
 
@@ -35,7 +35,7 @@ def test_adv_weight_zero_gives_pure_diffusion_gradients(tiny_overrides):
     hybrid = grads(tr.G_raw)
     tr.G_raw.zero_grad(set_to_none=True)
     torch.manual_seed(5)  # the same t and eps as the hybrid step drew first
-    t = torch.randint(0, tr.diffusion.num_steps, (4,))
+    t, _ = draw_timesteps(4, tr.diffusion.num_steps, cfg.gan.adv_t_max, torch.device("cpu"))
     eps = torch.randn_like(x0)
     target = tr.diffusion.training_target(x0, t, eps)  # v by default
     diffusion_loss(tr.G(tr.diffusion.q_sample(x0, t, eps), t), target).backward()
@@ -76,6 +76,24 @@ def test_fakes_only_where_t_at_most_adv_t_max(tiny_overrides):
     torch.manual_seed(3)
     m = micro_step(tr, cfg, *batch(), do_r1=False, sync=True, loss_scale=1.0)
     assert float(m["L_adv"]) == 0.0
+
+
+def test_timesteps_are_uniform_with_the_fakes_first():
+    """draw_timesteps: k ~ Binomial first, then k timesteps <= adv_t_max and the rest above, which on a
+    shuffled batch is exactly the law of uniform draws (the D step then runs on k fakes, not B)."""
+    torch.manual_seed(0)
+    ts, ks = [], []
+    for _ in range(2000):
+        t, k = draw_timesteps(64, 1000, 100, torch.device("cpu"))
+        assert bool((t[:k] <= 100).all()) and bool((t[k:] > 100).all())
+        ts.append(t)
+        ks.append(k)
+    t = torch.cat(ts).float()
+    assert abs(float((t <= 100).float().mean()) - 0.101) < 0.005  # P(t <= 100) = 101/1000
+    assert abs(float(t.mean()) - 499.5) < 3.0 and abs(float(t.std()) - 288.7) < 3.0  # uniform on 0..999
+    histogram = torch.histc(t, bins=10, min=0, max=1000) / t.numel()
+    assert float((histogram - 0.1).abs().max()) < 0.005
+    assert draw_timesteps(8, 1000, 999, torch.device("cpu"))[1] == 8  # every t yields a fake
 
 
 def test_r1_runs_only_every_r1_every_steps(tiny_overrides, monkeypatch):
