@@ -36,6 +36,11 @@ class ConfigError(UsageError):
     label = "config error"
 
 
+class MetricError(DganError, RuntimeError):
+    """A metric cannot be computed; the message is one line that says what to do. Here, not in
+    dgan/metrics, so that pixel conversion (dgan/pixels.py) can raise it without torch-fidelity."""
+
+
 def one_line(exc: BaseException, limit: int = 160) -> str:
     """An exception's message on one line, cut to `limit` characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__

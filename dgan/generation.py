@@ -29,6 +29,7 @@ from dgan.config import Config, config_from_dict
 from dgan.diffusion import Diffusion
 from dgan.errors import EvalError
 from dgan.models import Generator
+from dgan.pixels import to_uint8
 from dgan.seeding import Stream, derive_seed
 
 
@@ -193,7 +194,6 @@ def generate_distributed(G: torch.nn.Module, diffusion, cfg, *, num_samples: int
                          seed: int, batch_size: int, device: torch.device,
                          guidance: float = 1.0) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Collective: every rank generates its share; rank 0 gets N uint8 samples (and their ranks)."""
-    from dgan.metrics import to_uint8  # torch-fidelity: slow to import
 
     mine = rank_indices(num_samples, dist.get_rank(), dist.get_world_size())
     x = generate_indices(G, diffusion, mine, sampler=sampler, steps=steps, seed=seed,

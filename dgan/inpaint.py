@@ -32,6 +32,7 @@ from dgan.diffusion import Diffusion, ModelFn, StepHook
 from dgan.errors import EvalError
 from dgan.generation import guided_model_fn, save_grid, save_image
 from dgan.masks import MASK_TYPES, InpaintError, make_mask, mask_from_array
+from dgan.pixels import to_uint8
 from dgan.reference import EvalResult, conditioning_labels, load_reference, reference_info
 from dgan.rundir import output_dir
 from dgan.seeding import Stream, derive_seed
@@ -256,7 +257,6 @@ def run_inpaint_task(G: torch.nn.Module, diffusion: Diffusion, cfg, args: argpar
                      device: torch.device):
     """python -m dgan.evaluate --task inpaint: rank 0 scores the first --task-images held-out images of
     --reference; every rank gets the metrics. Returns a dgan.evaluate.EvalResult."""
-    from dgan.metrics import to_uint8  # torch-fidelity: slow to import
 
     try:  # on every rank, before rank 0 starts: a bad option must not leave the other ranks waiting
         _check_generate_model(cfg)

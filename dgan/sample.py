@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Optional
 
 
-import torch  # noqa: E402
+import torch
 
-from dgan.config import positive_int_arg  # noqa: E402
-from dgan.diffusion import SAMPLERS  # noqa: E402
-from dgan.errors import DganError, UsageError, report  # noqa: E402
-from dgan.generation import generate, load_generator, save_grid, save_image  # noqa: E402
-from dgan.inpaint import add_inpaint_args, inpaint_cli  # noqa: E402
-from dgan.rundir import output_dir  # noqa: E402
-from dgan.superres import super_resolve_cli  # noqa: E402
+from dgan.config import positive_int_arg
+from dgan.diffusion import SAMPLERS
+from dgan.errors import DganError, UsageError, report
+from dgan.generation import generate, load_generator, save_grid, save_image
+from dgan.inpaint import add_inpaint_args, inpaint_cli
+from dgan.rundir import output_dir
+from dgan.superres import super_resolve_cli
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -43,6 +43,7 @@ from dgan import distributed as dist
 from dgan.checkpoint import CheckpointError
 from dgan.errors import EvalError, UsageError
 from dgan.generation import guided_model_fn, initial_noise, make_lr, save_grid, save_image, upsample
+from dgan.pixels import to_uint8
 from dgan.reference import EvalResult, load_reference, reference_info
 from dgan.rundir import output_dir
 from dgan.seeding import Stream, derive_seed
@@ -164,7 +165,6 @@ def periodic_sr_eval(G: torch.nn.Module, diffusion, cfg) -> dict[str, float]:
 def run_sr_task(G: torch.nn.Module, diffusion, cfg, args, device: torch.device):
     """python -m dgan.evaluate --task sr: rank 0 scores the first --task-images held-out images of
     --reference (SR and bicubic vs HR); every rank gets the metrics. Returns a dgan.evaluate.EvalResult."""
-    from dgan.metrics import to_uint8  # torch-fidelity: slow to import
 
     if cfg.model.task != "sr":
         raise CheckpointError(f"--task sr needs a super-resolution checkpoint (model.task=sr); this one is "

@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
-import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-
-from dgan.config import int_list_arg, load_config  # noqa: E402
-from dgan.diffusion import Diffusion  # noqa: E402
-from dgan.errors import EXIT_ERROR, DganError, report  # noqa: E402
-from dgan.generation import guided_model_fn, initial_noise, load_generator, save_grid  # noqa: E402
+from dgan.config import int_list_arg, load_config
+from dgan.diffusion import Diffusion
+from dgan.errors import EXIT_ERROR, DganError, report
+from dgan.generation import guided_model_fn, initial_noise, load_generator, save_grid
 
 FORWARD_T_VALUES = (0, 50, 100, 200, 400, 600, 800, 999)
 GRID_PADDING = 2  # dgan.sample.save_grid's padding, needed to place column labels

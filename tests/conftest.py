@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 
-# Offline by construction: no test may reach a hub or an update server.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import dgan  # noqa: F401 - sets the offline environment (HF hub, albumentations) for every test
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the tests' MLflow stores phone nowhere
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
@@ -15,9 +14,10 @@ SHARED_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
 
 @pytest.fixture
 def tiny_overrides():
-    """The smallest model that is still the real architecture (UNet++ + PatchGAN)."""
-    return ["model.encoder=resnet18", "model.decoder_channels=[32,16,16,8]", "model.time_dim=32",
-            "model.d_channels=16", "model.image_size=32", "train.batch_size=4", "log.progress=false"]
+    """The one tiny configuration (cli_helpers.TINY), for tests that build the model in-process."""
+    from cli_helpers import TINY_QUIET
+
+    return list(TINY_QUIET)
 
 
 def python_cmd(*args: str) -> list[str]:

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from dgan.config import DataConfig  # importing dgan also sets the offline environment (dgan/__init__.py)
 
 INDEX_PX = 8
 
@@ -57,13 +54,9 @@ def write_index_shards(folder: Path, sizes: list[int], *, split: str = "train", 
     return [folder / s["name"] for s in shards]
 
 
-def data_cfg(**kw) -> SimpleNamespace:
-    """A DataConfig stand-in with the loader's fields (the real dataclass works the same)."""
-    base = dict(source="shards", path=None, shards=None, val_shards=None, split="train", num_images=64,
-                phantom_seed=1234, cache_dir="unused", num_workers=0, shuffle_buffer=16, resampled=False,
-                augment=False, hflip_p=0.5, vflip_p=0.0, affine_p=0.3, crop_p=0.0, intensity_p=0.3)
-    base.update(kw)
-    return SimpleNamespace(**base)
+def data_cfg(**kw) -> DataConfig:
+    """A DataConfig for loader tests: shard source, 64 phantoms, a small shuffle buffer, then `kw`."""
+    return DataConfig(**{"source": "shards", "num_images": 64, "cache_dir": "unused", "shuffle_buffer": 16, **kw})
 
 
 def tree_digest(root: Path) -> dict[str, tuple[str, int]]:

@@ -18,23 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import REPO, TINY_RUN, cli_env, run_cli, start_cli
+
 from dgan import distributed as dist
 from dgan.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 
-REPO = Path(__file__).resolve().parents[1]
-# The smallest real architecture (UNet++ + PatchGAN); 4 decoder widths for encoder_depth 4.
-TINY = ["model.decoder_channels=[32,16,16,8]", "model.time_dim=32", "model.d_channels=16",
-        "train.batch_size=4", "data.num_images=64", "log.num_samples=4", "log.sample_steps=4",
-        "log.every_steps=5", "train.device=cpu"]
 SIGNALS = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-
-
-def env() -> dict:
-    # one thread per rank: 2 ranks on 2 cores, no oversubscription
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
-            "NO_ALBUMENTATIONS_UPDATE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
@@ -43,12 +34,12 @@ def torchrun(nproc: int, *args: str) -> list[str]:
 
 
 def train_cmd(nproc: int, root: Path, *args: str, launcher: tuple[str, ...] = ()) -> list[str]:
-    cli = ["-m", "dgan.train", *TINY, f"log.root={root}", f"data.cache_dir={root / '.cache'}", *args]
+    cli = ["-m", "dgan.train", *TINY_RUN, f"log.root={root}", f"data.cache_dir={root / '.cache'}", *args]
     return torchrun(nproc, *launcher, *cli) if nproc > 1 else [sys.executable, *cli]
 
 
 def run(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
+    r = run_cli(cmd, timeout=timeout)  # one thread per rank: 2 ranks on 2 cores, no oversubscription
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
 
@@ -76,7 +67,7 @@ def test_ranks_stay_identical_and_agree_to_stop(root, tmp_path):
     # adv_t_max pinned: "r_d != 0" below is a proxy for "the controller ran" that fails when the last
     # window's 64 patch signs happen to cancel; with the default (100) fakes are rarely kept in
     # 6 tiny steps, D's real logits hover at 0, and seed 0 lands on exactly that.
-    base = TINY + [f"data.cache_dir={root / '.cache'}", "gan.r1_every=2", "gan.ada_interval=2",
+    base = TINY_RUN + [f"data.cache_dir={root / '.cache'}", "gan.r1_every=2", "gan.ada_interval=2",
                    "gan.ada_kimg=0.1", "gan.ada_target=0.0", "gan.adv_t_max=400"]
     spec = {"plain": base,
             # accumulation (no_sync), BatchNorm buffers (broadcast per step) and channels_last inputs
@@ -157,7 +148,7 @@ def preempt_with_sigusr1(root: Path) -> tuple[int, str]:
     """Launch 2 ranks, SIGUSR1 the torchrun agent once steps run; (step they stopped at, output)."""
     cmd = train_cmd(2, root, "log.run_name=pre", "train.total_kimg=100", "log.every_steps=1", "train.grad_accum=2",
                     launcher=(SIGNALS, "--shutdown-timeout=60"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO)
+    proc = start_cli(cmd)
     try:
         head = read_until(proc, "step 3/")  # steps are really being taken
         proc.send_signal(signal.SIGUSR1)  # to the agent, as slurm/train.sh's trap does
@@ -207,7 +198,7 @@ def test_preempt_relaunch_sigkill_mid_checkpoint_and_resume_on_one_rank(root):
     with open(log, "w") as f:
         proc = subprocess.Popen(train_cmd(2, root, "log.run_name=pre", "train.total_kimg=100", "train.grad_accum=2",
                                           "train.ckpt_every_kimg=0.016", "train.keep_last=100", "--resume", "auto"),
-                                stdout=f, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
+                                stdout=f, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO)
         try:
             killed = kill_rank0_during_a_checkpoint_write(proc, ckpt_dir, after_step=step + 1)
             assert proc.wait(timeout=120) != 0  # torchrun notices the dead worker and stops the other
@@ -251,7 +242,7 @@ def test_compile_wraps_ddp_and_checkpoints_hold_the_plain_generator(tmp_path):
     from dgan.config import load_config
     from dgan.models import Generator
     from dgan.trainer import Trainer
-    cfg = load_config(None, TINY + ["model.compile=true"])
+    cfg = load_config(None, TINY_RUN + ["model.compile=true"])
     with world_of_one(tmp_path):
         ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
         compiled = torch.compile(ddp)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import run_cli
+from cli_helpers import TINY_QUIET as TINY, run_cli
 from PIL import Image
 
 from dgan.checkpoint import Checkpointer, CheckpointError
@@ -18,9 +18,8 @@ from dgan.generation import make_lr, sr_condition, upsample
 
 pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 
-# conftest's tiny_overrides (a module-scoped run cannot use that function-scoped fixture), and SR.
-TINY = ["model.encoder=resnet18", "model.decoder_channels=[32,16,16,8]", "model.time_dim=32", "model.d_channels=16",
-        "model.image_size=32", "train.batch_size=4", "log.progress=false"]
+# The tiny configuration (cli_helpers.TINY: a module-scoped run cannot use the function-scoped
+# tiny_overrides fixture), and SR.
 SR = ["model.task=sr", "model.sr_scale=4", "train.device=cpu"]
 # The learning run: the smallest budget that beats bicubic with margin. Seeds 0-2 gave +0.99 to
 # +1.25 dB over bicubic at 2 kimg, but only +0.6 to +0.9 dB at 1.5 kimg, against the test's 0.5 dB.

@@ -1,25 +1,22 @@
 """python -m dgan.train end to end, in subprocesses, exactly as the README shows it."""
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import TINY_RUN, run_cli, start_cli
 
 from dgan.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 
-TINY = ["model.decoder_channels=[32,16,16,8]", "model.time_dim=32", "model.d_channels=16",
-        "train.batch_size=4", "data.num_images=64", "log.num_samples=4", "log.sample_steps=4",
-        "log.every_steps=5", "train.device=cpu"]
 
 
 def run_train(root: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dgan.train", *TINY, f"log.root={root}",
+    cmd = [sys.executable, "-m", "dgan.train", *TINY_RUN, f"log.root={root}",
            f"data.cache_dir={root / '.cache'}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return run_cli(cmd, timeout=timeout)
 
 
 def test_quick_start_leaves_a_complete_run_dir(tmp_path):
@@ -45,9 +42,9 @@ def test_quick_start_leaves_a_complete_run_dir(tmp_path):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGUSR1, 75), (signal.SIGINT, 130)])
 def test_signal_saves_a_checkpoint_and_exits_with_the_documented_code(tmp_path, sig, code):
-    cmd = [sys.executable, "-m", "dgan.train", *TINY, f"log.root={tmp_path}", "log.run_name=sig",
+    cmd = [sys.executable, "-m", "dgan.train", *TINY_RUN, f"log.root={tmp_path}", "log.run_name=sig",
            f"data.cache_dir={tmp_path / '.cache'}", "train.total_kimg=100", "log.every_steps=1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_cli(cmd)
     try:
         for line in proc.stdout:  # wait until steps are really being taken
             if line.startswith("step 3/"):
@@ -97,10 +94,9 @@ def test_periodic_eval_logs_over_time_and_keeps_the_best_checkpoint(tmp_path):
 
 
 def test_periodic_fid_without_weights_fails_before_training(tmp_path):
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "empty-torch-home")}
-    cmd = [sys.executable, "-m", "dgan.train", *TINY, f"log.root={tmp_path}", "log.run_name=nofid",
+    cmd = [sys.executable, "-m", "dgan.train", *TINY_RUN, f"log.root={tmp_path}", "log.run_name=nofid",
            f"data.cache_dir={tmp_path / '.cache'}", "eval.every_kimg=1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    r = run_cli(cmd, timeout=120, TORCH_HOME=str(tmp_path / "empty-torch-home"))
     assert r.returncode == 1
     assert "weights-inception" in r.stderr and "eval.every_kimg" in r.stderr
     assert not (tmp_path / "nofid" / "checkpoints").exists()

@@ -49,7 +49,7 @@ def make_train_data(shard_set: ShardSet, cfg: Any, *, image_size: int, channels:
     if batches < 1:
         raise DataError(f"{shard_set.urls[0]}: {total} images, fewer than one step needs "
                         f"(batch_size {batch_size} x world_size {world_size} = {per_step}); lower train.batch_size")
-    workers = int(getattr(cfg, "num_workers", 0))
+    workers = int(cfg.num_workers)
     if workers > batches:
         log.info("data: %d workers but %d batches per epoch; using %d workers", workers, batches, batches)
         workers = batches  # a worker with no batch to make would only read shards for nothing
@@ -57,8 +57,8 @@ def make_train_data(shard_set: ShardSet, cfg: Any, *, image_size: int, channels:
     if resolution not in (None, image_size):
         log.info("data: shards are %spx, the model wants %dpx; resizing on the fly", resolution, image_size)
     plan = LoaderPlan(shard_set.urls, shard_set.counts, batch_size, rank, world_size, workers, batches,
-                      "resampled" if getattr(cfg, "resampled", False) else "shard", seed,
-                      int(getattr(cfg, "shuffle_buffer", 1000)), image_size, channels,
+                      "resampled" if cfg.resampled else "shard", seed,
+                      int(cfg.shuffle_buffer), image_size, channels,
                       AugmentSettings.from_config(cfg, image_size))
     if plan.mode == "shard" and assign_shards(plan, 0) is None:
         plan = replace(plan, mode="sample")
@@ -70,9 +70,9 @@ def make_train_data(shard_set: ShardSet, cfg: Any, *, image_size: int, channels:
 
 
 def train_shards(cfg: Any, *, image_size: int, channels: int) -> ShardSet:
-    source = getattr(cfg, "source", "phantoms")
+    source = cfg.source
     if source == "shards":
-        if not getattr(cfg, "shards", None):
+        if not cfg.shards:
             raise DataError("data.shards is not set; point it at train shards, e.g. data.shards='shards/train-*.tar'")
         return resolve_shards(cfg.shards, "data.shards")
     if source == "phantoms":
@@ -104,7 +104,7 @@ def phantom_cache(cfg: Any, *, image_size: int, channels: int) -> Path:
 
 
 def npz_cache(cfg: Any, *, image_size: int, channels: int) -> Path:
-    if not getattr(cfg, "path", None):
+    if not cfg.path:
         raise DataError("data.source=npz needs data.path=/path/to/file.npz")
     path = Path(cfg.path)
     if not path.is_file():
@@ -137,7 +137,7 @@ def build_eval_images(cfg: Any, *, image_size: int, channels: int, split: str = 
     - shards: split="val" reads data.val_shards, split="train" data.shards, in file order.
     Corrupt samples are skipped and logged, never silently.
     """
-    source = getattr(cfg, "source", "phantoms")
+    source = cfg.source
     if source == "phantoms":
         seed = int(cfg.phantom_seed) if split == "train" else eval_phantom_seed(int(cfg.phantom_seed))
         images, labels = make_phantoms(max_images or int(cfg.num_images), image_size, seed)
@@ -158,7 +158,7 @@ def _eval_from_shards(cfg: Any, *, image_size: int, channels: int, split: str,
                       max_images: Optional[int]) -> tuple[Tensor, Tensor]:
     import webdataset as wds
 
-    pattern = {"val": getattr(cfg, "val_shards", None), "train": getattr(cfg, "shards", None)}.get(split)
+    pattern = {"val": cfg.val_shards, "train": cfg.shards}.get(split)
     if not pattern:
         raise DataError(f"no shards for eval split {split!r}: set data.val_shards='shards/val-*.tar' "
                         "(written by python -m dgan.data.shards --val-fraction 0.1)")

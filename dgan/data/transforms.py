@@ -21,22 +21,22 @@ import numpy as np
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    """The part of DataConfig the augmentation needs; small and picklable for workers."""
+    """The part of DataConfig the augmentation needs; small and picklable for workers. No defaults
+    here: DataConfig holds the one copy of them."""
     image_size: int
-    hflip_p: float = 0.5
-    vflip_p: float = 0.0
-    affine_p: float = 0.3
-    crop_p: float = 0.0
-    intensity_p: float = 0.3
+    hflip_p: float
+    vflip_p: float
+    affine_p: float
+    crop_p: float
+    intensity_p: float
 
     @classmethod
     def from_config(cls, cfg: Any, image_size: int) -> Optional["AugmentSettings"]:
-        """None when augmentation is off, or every probability is zero (nothing to do)."""
-        if not getattr(cfg, "augment", False):
+        """From a DataConfig; None when augmentation is off, or every probability is zero (nothing to do)."""
+        if not cfg.augment:
             return None
-        settings = cls(image_size, *(float(getattr(cfg, name, default)) for name, default in
-                                     (("hflip_p", 0.5), ("vflip_p", 0.0), ("affine_p", 0.3),
-                                      ("crop_p", 0.0), ("intensity_p", 0.3))))
+        settings = cls(image_size, *(float(getattr(cfg, name)) for name in
+                                     ("hflip_p", "vflip_p", "affine_p", "crop_p", "intensity_p")))
         probabilities = (settings.hflip_p, settings.vflip_p, settings.affine_p, settings.crop_p, settings.intensity_p)
         return settings if any(p > 0 for p in probabilities) else None
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from dgan.errors import DganError
+from dgan.errors import MetricError
 from dgan.runinfo import file_sha256
 
 INCEPTION = "inception-v3-compat"
@@ -25,10 +25,6 @@ KID_MAX_SUBSET_SIZE = 1000
 KID_SUBSETS = 100  # torch-fidelity's default
 _FEATURE_LAYER = "features"
 _CACHE_KEY_PATTERN = re.compile(r"[A-Za-z0-9._]+")
-
-
-class MetricError(DganError, RuntimeError):
-    """A metric cannot be computed; the message is one line that says what to do."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +163,7 @@ def _register_torchscript(path: str | os.PathLike[str]) -> str:
     return name
 
 
-def _resolve_extractor(
+def resolve_extractor(
     extractor: str, extractor_path: str | os.PathLike[str] | None, fid_weights: str | os.PathLike[str] | None
 ) -> tuple[str, Path, bool]:
     """Return (registered name, file torch-fidelity should load, replicate gray to RGB)."""
@@ -257,7 +253,7 @@ def fid_kid(
     """
     if not (fid or kid):
         raise MetricError("nothing to compute: both fid and kid are False")
-    name, weights, gray_to_rgb = _resolve_extractor(extractor, extractor_path, fid_weights)
+    name, weights, gray_to_rgb = resolve_extractor(extractor, extractor_path, fid_weights)
     check_images(real, "real", rgb_only=gray_to_rgb)
     check_images(fake, "fake", rgb_only=gray_to_rgb)
     device = torch.device(device)
@@ -290,14 +286,6 @@ def fid_kid(
         out["kid"] = float(raw[torch_fidelity.KEY_METRIC_KID_MEAN])
         out["kid_std"] = float(raw[torch_fidelity.KEY_METRIC_KID_STD])
     return out
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """Map images in [-1, 1] to uint8 [0, 255]: scale, round to nearest, clamp out-of-range values."""
-    if not torch.isfinite(x).all():
-        # A NaN cast to uint8 is undefined; a diverged generator must be reported, not scored.
-        raise MetricError("images contain NaN or inf; cannot convert to uint8")
-    return ((x.to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def psnr_ssim(pred: Tensor, target: Tensor, data_range: float = 2.0) -> dict[str, float]:

@@ -14,7 +14,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from dgan.metrics.fidelity import MetricError, check_images, first_line
+from dgan.errors import MetricError
+from dgan.metrics.fidelity import check_images, first_line
 
 # --------------------------------------------------------------------------------------------------
 # FRD: Fréchet Radiomics Distance through frd-score (the optional `frd` extra)
