@@ -10,6 +10,10 @@ import torch
 from dgan.errors import ConfigError
 from dgan.schedules import make_betas
 
+# Every metric dgan computes, the one list: eval.metrics is checked against it here, and
+# dgan.scoring (and python -m dgan.evaluate's flags) dispatch on it.
+METRICS = ("fid", "kid", "psnr", "ssim", "frd", "prdc", "memorization", "diversity", "utility")
+
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
@@ -110,9 +114,8 @@ def _validate_data(dc) -> None:  # a DataConfig
 
 
 def _validate_eval(ev, sr: bool = False) -> None:  # an EvalConfig
-    known = ("fid", "kid", "psnr", "ssim", "frd")  # frd needs the `frd` extra (checked by the trainer)
-    for name in ev.metrics:
-        _require(name in known, "eval.metrics", f"unknown metric {name!r}; use some of {', '.join(known)}")
+    for name in ev.metrics:  # frd needs the `frd` extra (checked by the trainer)
+        _require(name in METRICS, "eval.metrics", f"unknown metric {name!r}; use some of {', '.join(METRICS)}")
     _require(ev.every_kimg >= 0 and ev.num_samples >= 2 and ev.steps >= 1, "eval.every_kimg",
              "every_kimg must be >= 0, num_samples >= 2 and steps >= 1")
     if ev.best_metric is not None:

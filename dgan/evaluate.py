@@ -4,6 +4,13 @@
         [--num-samples N] [--sampler ddim|ddpm|dpmpp2m --steps 50] [--batch-size B] [--seed S]
         [--fid-weights PATH] [--feature-extractor model.pt] [--reference val|train]
         [--t-values 50,100,250,500] [--root runs] [--no-mlflow] [--guidance W] [--per-class]
+        [--prdc] [--memorization] [--diversity] [--utility] [--audit] [--utility-per-class N]
+
+The synthetic-data audit (dgan/audit.py; --audit for all four): --prdc (precision, recall, density,
+coverage in FID's feature space), --memorization (nearest training image of each sample against
+held-out real images' own; the closest pairs go to <run>/eval/memorization-<step>.png), --diversity
+(MS-SSIM between sample pairs) and --utility (train on synthetic, test on real; conditional models,
+--utility-per-class N). Each comes with its real-data floor (keys real_*, utility_real_*).
 
 With no metric flag, FID, KID, PSNR and SSIM are computed; --frd (Fréchet Radiomics Distance,
 dgan.metrics.frd, samples against the reference like FID) is opt-in and needs the `frd` extra:
@@ -41,164 +48,34 @@ run's MLflow record, at step = the checkpoint's step.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import torch  # noqa: E402
+import torch
 
-from dgan import __version__  # noqa: E402
-from dgan import distributed as dist  # noqa: E402
-from dgan.atomic import write_text_atomic  # noqa: E402
-from dgan.checkpoint import load_checkpoint  # noqa: E402
-from dgan.config import int_list_arg  # noqa: E402
-from dgan.diffusion import SAMPLERS  # noqa: E402
-from dgan.errors import DganError, report  # noqa: E402
-from dgan.generation import load_generator, save_grid  # noqa: E402
-from dgan.inpaint import add_inpaint_args, run_inpaint_task  # noqa: E402
-from dgan.reference import LABEL_SHIFT_WARNING, REFERENCES, EvalResult, reference_split  # noqa: E402
-from dgan.rundir import find_checkpoint  # noqa: E402
-from dgan.scoring import (DEFAULT_METRICS, DEFAULT_RECON_IMAGES, DEFAULT_T_VALUES, METRICS,  # noqa: E402
+from dgan import distributed as dist
+from dgan.audit import AUDIT_METRICS, DEFAULT_UTILITY_PER_CLASS
+from dgan.config import int_list_arg
+from dgan.diffusion import SAMPLERS
+from dgan.errors import DganError, report
+from dgan.generation import load_generator
+from dgan.inpaint import add_inpaint_args, run_inpaint_task
+from dgan.reference import LABEL_SHIFT_WARNING, REFERENCES, reference_split
+from dgan.report import checkpoint_record, print_report, write_outputs
+from dgan.rundir import find_checkpoint
+from dgan.scoring import (DEFAULT_METRICS, DEFAULT_RECON_IMAGES, DEFAULT_T_VALUES, METRICS,
                           check_request, run_evaluation)
-from dgan.superres import run_sr_task  # noqa: E402
-from dgan.progress import format_value  # noqa: E402
-from dgan.tracking import RUN_STATUSES, Tracker, default_tracking_uri, import_mlflow  # noqa: E402
+from dgan.superres import run_sr_task
 
 TASKS = ("generate", "inpaint", "sr")  # --task: what is scored; generate is FID/KID/PSNR/SSIM of samples
 DEFAULT_TASK_IMAGES = 16  # --task inpaint/sr: held-out images, small enough for a CPU run
-GRID_IMAGES = 64
 
 
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-
-
-def checkpoint_record(path: Path) -> dict[str, Any]:
-    """Step, images seen and the training run's MLflow id, from the checkpoint's trainer state."""
-    payload = load_checkpoint(path)
-    trainer = payload["state"].get("trainer", {})
-    step = int(payload["metadata"].get("step", trainer.get("step", 0)))
-    return {"path": str(path), "step": step, "images_seen": int(trainer.get("images_seen", 0)),
-            "mlflow_run_id": trainer.get("mlflow_run_id")}
-
-
-def _mlflow_status(uri: str, run_id: Optional[str]) -> Optional[str]:
-    """The run's status, or None when there is no such run in the store."""
-    if run_id is None:
-        return None
-    mlflow = import_mlflow()
-    try:
-        return mlflow.tracking.MlflowClient(tracking_uri=uri).get_run(run_id).info.status
-    except Exception:  # noqa: BLE001 - unknown run or unreadable store: Tracker warns and starts a linked run
-        return None
-
-
-def open_training_run(cfg, run_dir: Path, run_id: Optional[str]):
-    """(Tracker on the training run, its status before we touched it). Without that run in the store,
-    Tracker starts a linked evaluation run instead (tagged with the run dir)."""
-    uri = cfg.log.tracking_uri or default_tracking_uri(run_dir.parent)  # the store next to the run dirs
-    before = _mlflow_status(uri, run_id)
-    tracker = Tracker(enabled=True, root=run_dir.parent, experiment=cfg.log.experiment,
-                      run_name=run_dir.name if before else f"{run_dir.name}-eval", tracking_uri=uri,
-                      run_id=run_id if before else None)
-    return tracker, before
-
-
-def close_training_run(tracker, before: Optional[str]) -> None:
-    # Reopening marks the run RUNNING; put back what it was. A run still training stays RUNNING.
-    if before is None:
-        tracker.close("FINISHED")
-    elif before in RUN_STATUSES:
-        tracker.close(before)
-
-
-def build_report(result: EvalResult, args: argparse.Namespace, record: dict, run_dir: Path,
-                 diffusion, chosen: Sequence[str], mlflow_run_id: Optional[str]) -> dict[str, Any]:
-    """The JSON written to <run>/eval/eval-<step>.json."""
-    return {
-        "metrics": result.metrics,
-        "checkpoint": {k: record[k] for k in ("path", "step", "images_seen")},
-        "run_dir": str(run_dir),
-        "num_samples": 0 if result.samples is None else int(result.samples.shape[0]),
-        "sampler": args.sampler,
-        "steps": diffusion.num_steps if args.sampler == "ddpm" else args.steps,  # DDPM always runs T steps
-        "seed": args.seed,
-        "guidance": args.guidance,
-        "batch_size": args.batch_size,
-        "world_size": result.info["world_size"],
-        "reference": result.info.get("reference"),
-        "extractor": result.info["extractor"],
-        "task": {"name": args.task, **result.info.get("task", {})},  # a task's own settings (mask type...)
-        "t_values": list(args.t_values) if {"psnr", "ssim"} & set(chosen) else [],
-        "mlflow_run_id": mlflow_run_id,
-        "generation_s": result.info["generation_s"],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "dgan_version": __version__,
-    }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")  # a reader never sees half a file
-
-
-def write_outputs(result: EvalResult, args: argparse.Namespace, record: dict, run_dir: Path, cfg, diffusion,
-                  chosen: Sequence[str]) -> dict[str, Any]:
-    """Rank 0: grid, optional sample dump, MLflow, JSON. Returns the report."""
-    step = record["step"]
-    eval_dir = run_dir / "eval"
-    grid = None
-    if result.samples is not None:
-        shown = result.samples[:GRID_IMAGES].to(torch.float32) / 127.5 - 1.0
-        grid = save_grid(shown, eval_dir / f"samples-{step:09d}.png")
-    if args.dump_samples and result.samples is not None:
-        Path(args.dump_samples).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"images": result.samples, "ranks": result.sample_ranks, "seed": args.seed},
-                   args.dump_samples)
-    json_path = Path(args.out) if args.out else eval_dir / f"eval-{step:09d}.json"
-    tracker = before = None
-    if not args.no_mlflow:
-        tracker, before = open_training_run(cfg, run_dir, record["mlflow_run_id"])
-    report = build_report(result, args, record, run_dir, diffusion, chosen,
-                          tracker.run_id if tracker is not None else record["mlflow_run_id"])
-    _write_json(json_path, report)
-    if tracker is not None:
-        tracker.log_metrics({f"eval/{k}": v for k, v in result.metrics.items()}, step=step)
-        tracker.set_tags({"eval.checkpoint": record["path"], "eval.step": step, "eval.run_dir": str(run_dir),
-                          "eval.reference": (report["reference"] or {}).get("split", "")})
-        for artifact in (json_path, grid):
-            if artifact is not None:
-                tracker.log_artifact(artifact, "eval")
-        close_training_run(tracker, before)
-    report["json_path"] = str(json_path)
-    return report
-
-
-def print_report(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 160))  # a SLURM log: no wrapping at 80 columns
-    ref = report["reference"] or {}
-    console.print(f"checkpoint {report['checkpoint']['path']} (step {report['checkpoint']['step']})",
-                  highlight=False)
-    table = Table(title="dgan.evaluate")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in report["metrics"].items():
-        table.add_row(key, format_value(value))
-    console.print(table)
-    extractor = report["extractor"].get("name") or "-"
-    console.print(f"samples {report['num_samples']} ({report['sampler']}, {report['steps']} steps, seed "
-                  f"{report['seed']}, world size {report['world_size']}); reference {ref.get('source')} "
-                  f"split {ref.get('split')} ({ref.get('num_images')} images); extractor {extractor}",
-                  highlight=False)
-    console.print(f"wrote {report['json_path']}", highlight=False)
 
 
 def _non_negative(text: str) -> int:
@@ -215,6 +92,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.add_argument(f"--{name}", action="store_true", help=f"compute {name.upper()} (no metric flag: all four)")
     p.add_argument("--frd", action="store_true",
                    help='compute FRD, the Fréchet Radiomics Distance (opt-in; needs pip install -e ".[frd]")')
+    audit = p.add_argument_group("synthetic-data audit (README: 'Is my synthetic data safe and useful?')")
+    audit.add_argument("--prdc", action="store_true",
+                       help="precision, recall, density and coverage, in FID's feature space")
+    audit.add_argument("--memorization", action="store_true",
+                       help="each sample's nearest training image vs held-out real images' (copies flagged)")
+    audit.add_argument("--diversity", action="store_true", help="MS-SSIM between sample pairs (lower: more diverse)")
+    audit.add_argument("--utility", action="store_true",
+                       help="train on synthetic, test on real: balanced accuracy and AUROC (conditional models)")
+    audit.add_argument("--audit", action="store_true", help="all four of the above")
+    audit.add_argument("--report", action="store_true",
+                       help="everything (FID, KID, PSNR, SSIM and the audit; utility only for conditional "
+                            "models) and one self-contained HTML page, <run>/eval/report-<step>.html")
+    audit.add_argument("--utility-per-class", type=int, default=DEFAULT_UTILITY_PER_CLASS,
+                       help="images per class for each utility classifier (synthetic and real)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--run", "--run-dir", dest="run",
                        help="run directory (default: the newest run under --root); under torchrun write "
@@ -249,6 +140,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.utility_per_class < 2:
+        p.error("--utility-per-class must be >= 2")
+    for name in (*DEFAULT_METRICS, *AUDIT_METRICS) if args.report else AUDIT_METRICS if args.audit else ():
+        setattr(args, name, True)
     return args
 
 
@@ -257,6 +152,9 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
     # Its rank-0-only work goes through dist.on_main, so a failure there stops every rank.
     ckpt, run_dir = dist.on_main(lambda: find_checkpoint(args.run, args.checkpoint, args.root))
     G, cfg, diffusion, _ = load_generator(ckpt, device)
+    if args.report and cfg.model.num_classes < 2 and "utility" in chosen:
+        chosen.remove("utility")  # --report asks for everything that applies; utility needs classes
+        dist.print0("dgan.evaluate: --report: no utility score, the model is unconditional")
     record = dist.on_main(lambda: announce(ckpt, cfg, args, chosen))
     if args.task == "inpaint":
         result = run_inpaint_task(G, diffusion, cfg, args, device)
@@ -269,7 +167,7 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
                                 reference=args.reference, batch_size=args.batch_size, t_values=args.t_values,
                                 recon_images=args.recon_images, reference_images=args.reference_images,
                                 cache_dir=run_dir.parent / ".cache" / "fid", guidance=args.guidance,
-                                per_class=args.per_class)
+                                per_class=args.per_class, utility_per_class=args.utility_per_class)
     # the other ranks leave only once the results are on disk (on_main is collective)
     dist.on_main(lambda: print_report(write_outputs(result, args, record, run_dir, cfg, diffusion, chosen)))
     return 0

@@ -23,12 +23,14 @@ REFERENCES = ("val", "train")
 
 @dataclasses.dataclass
 class EvalResult:
-    """What one evaluation produced. ``samples`` (uint8, index order) is set on rank 0 only."""
+    """What one evaluation produced. ``samples`` (uint8, index order) and ``artefacts`` (the audit's
+    pictures and distance arrays, for the report) are set on rank 0 only."""
 
     metrics: dict[str, float]
     info: dict[str, Any]
     samples: Optional[torch.Tensor] = None
     sample_ranks: Optional[torch.Tensor] = None
+    artefacts: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def reference_split(cfg, reference: str) -> str:

@@ -6,6 +6,7 @@ Every function here is collective where it says so: call it on every rank at the
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -13,17 +14,20 @@ from typing import Any, Optional
 import torch
 
 from dgan import distributed as dist
+from dgan.audit import AUDIT_METRICS, DEFAULT_UTILITY_PER_CLASS, MIN_BASELINE_IMAGES, audit_scores, check_audit_request
+from dgan.config_checks import METRICS
 from dgan.diffusion import SAMPLERS
 from dgan.errors import EvalError
 from dgan.generation import generate_distributed, guided_model_fn
+from dgan.pixels import to_uint8
 from dgan.reference import EvalResult, conditioning_labels, load_reference, reference_cache_key, reference_info
 from dgan.runinfo import file_sha256
 from dgan.seeding import Stream, derive_seed
 
-METRICS = ("fid", "kid", "psnr", "ssim", "frd")
 # Without a metric flag. FRD is opt-in: it needs the optional `frd` extra (PyRadiomics).
 DEFAULT_METRICS = ("fid", "kid", "psnr", "ssim")
-SAMPLE_METRICS = {"fid", "kid", "frd"}  # scored on generated samples, so they need a generation
+SAMPLE_METRICS = {"fid", "kid", "frd", *AUDIT_METRICS}  # scored on generated samples: they need a generation
+FEATURE_METRICS = {"fid", "kid", "prdc", "memorization"}  # computed in the extractor's feature space
 DEFAULT_T_VALUES = (50, 100, 250, 500)
 DEFAULT_RECON_IMAGES = 1000
 
@@ -86,7 +90,7 @@ def check_request(metrics: Iterable[str], *, sampler: str, steps: int, num_sampl
         require_frd()  # MetricError with the install command when the optional extra is missing
     if chosen & SAMPLE_METRICS and num_samples < 2:
         raise EvalError(f"--num-samples {num_samples}: FID/KID/FRD need at least 2 samples")
-    if not chosen & {"fid", "kid"}:
+    if not chosen & FEATURE_METRICS:
         return {"name": None}
     if extractor_path is not None:
         path = Path(extractor_path).expanduser()
@@ -96,12 +100,75 @@ def check_request(metrics: Iterable[str], *, sampler: str, steps: int, num_sampl
     return {"name": INCEPTION, "path": str(resolve_inception_weights(fid_weights))}
 
 
+@dataclass
+class _Evaluation:
+    """One evaluation request, and rank 0's reference data (kept out of the broadcasts)."""
+    G: torch.nn.Module
+    diffusion: Any
+    cfg: Any
+    chosen: set[str]
+    seed: int
+    device: torch.device
+    extractor_path: Any
+    fid_weights: Any
+    cache_dir: Any
+    batch_size: int
+    per_class: bool
+    utility_per_class: int
+    scores: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    ref: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, reference: str, reference_images: Optional[int], recon_images: int, t_values) -> None:
+        """Rank 0, before the long generation, so that data problems fail now."""
+        cfg, chosen = self.cfg, self.chosen
+        self.ref["real"], self.ref["labels"] = real, labels = load_reference(cfg, reference, reference_images)
+        self.ref["key"] = reference_cache_key(cfg, reference, real) if chosen & {"fid", "kid"} else None
+        self.info["reference"] = reference_info(cfg, reference, real.shape[0], self.ref["key"])
+        if "memorization" in chosen and real.shape[0] < MIN_BASELINE_IMAGES:
+            raise EvalError(f"--memorization: the held-out split has {real.shape[0]} images; its baseline needs at "
+                            f"least {MIN_BASELINE_IMAGES} (raise --reference-images, or hold out more data)")
+        if chosen & {"memorization", "utility"}:  # the training images, as the model saw them
+            train, self.ref["train_labels"] = load_reference(cfg, "train")
+            self.ref["train"] = to_uint8(train)  # a quarter of the float32 memory, kept for the audit
+            self.info["reference"]["train_images"] = int(train.shape[0])
+        if chosen & {"psnr", "ssim"}:
+            n = min(recon_images, real.shape[0])
+            recon = reconstruction_metrics(self.G, self.diffusion, real[:n], conditioning_labels(cfg, labels[:n]),
+                                           t_values, seed=self.seed, batch_size=self.batch_size, device=self.device)
+            self.scores.update({k: v for k, v in recon.items() if k.split("_t")[0] in chosen})
+            self.info["reference"]["recon_images"] = n
+
+    def score(self, samples: torch.Tensor) -> tuple[dict[str, float], dict[str, Any]]:
+        """Rank 0, which holds the samples."""
+        real, labels, key, chosen, cfg = self.ref["real"], self.ref["labels"], self.ref["key"], self.chosen, self.cfg
+        common = (self.extractor_path, self.fid_weights, self.cache_dir, key, cfg, self.device, self.batch_size)
+        if chosen & {"fid", "kid"}:
+            self.scores.update(fid_kid_of(real, samples, chosen, *common))
+            for c in range(cfg.model.num_classes if self.per_class else 0):
+                self.scores.update(class_fid_kid(c, real, labels, samples, chosen, *common))
+        if "frd" in chosen:
+            from dgan.metrics import frd  # torch-fidelity: slow to import
+
+            self.scores["frd"] = frd(to_uint8(real), samples)  # the reference first: FRD z-scores against it
+        if chosen & set(AUDIT_METRICS):
+            train = self.ref.get("train")
+            more, self.ref["artefacts"] = audit_scores(
+                chosen, cfg, samples, to_uint8(real), labels, train,
+                self.ref.get("train_labels"), extractor_path=self.extractor_path, fid_weights=self.fid_weights,
+                device=self.device, seed=self.seed, utility_per_class=self.utility_per_class)
+            self.scores.update(more)
+        return self.scores, self.info
+
+
 def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, sampler: str, steps: int, seed: int,
                    metrics: Iterable[str], device: torch.device, extractor_path=None, fid_weights=None,
                    reference: str = "val", batch_size: int = 64, t_values: Sequence[int] = DEFAULT_T_VALUES,
                    recon_images: int = DEFAULT_RECON_IMAGES, reference_images: Optional[int] = None,
-                   cache_dir=None, guidance: float = 1.0, per_class: bool = False) -> EvalResult:
-    """Collective: call on every rank. Metrics and info are broadcast to all ranks; samples stay on rank 0.
+                   cache_dir=None, guidance: float = 1.0, per_class: bool = False,
+                   utility_per_class: int = DEFAULT_UTILITY_PER_CLASS) -> EvalResult:
+    """Collective: call on every rank. Metrics and info are broadcast to all ranks; samples (and the
+    audit's pictures, `artefacts`) stay on rank 0.
     per_class: also FID/KID of each class's samples against that class's reference images."""
     chosen = set(metrics)
     if per_class and cfg.model.num_classes < 1:
@@ -110,51 +177,26 @@ def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, samp
         raise EvalError("--per-class scores FID/KID per class; add --fid and/or --kid")
     extractor = check_request(chosen, sampler=sampler, steps=steps, num_samples=num_samples, t_values=t_values,
                               num_steps=diffusion.num_steps, extractor_path=extractor_path, fid_weights=fid_weights)
-    want_fid = bool(chosen & {"fid", "kid"})
-    scores: dict[str, float] = {}
-    info: dict[str, Any] = {}
-    ref: dict[str, Any] = {}  # rank 0's reference images, kept out of the broadcasts
-
-    def load_and_reconstruct() -> None:  # rank 0, before the long generation: data problems fail now
-        ref["real"], ref["labels"] = real, labels = load_reference(cfg, reference, reference_images)
-        ref["key"] = reference_cache_key(cfg, reference, real) if want_fid else None
-        info["reference"] = reference_info(cfg, reference, real.shape[0], ref["key"])
-        if chosen & {"psnr", "ssim"}:
-            n = min(recon_images, real.shape[0])
-            recon = reconstruction_metrics(G, diffusion, real[:n], conditioning_labels(cfg, labels[:n]), t_values,
-                                           seed=seed, batch_size=batch_size, device=device)
-            scores.update({k: v for k, v in recon.items() if k.split("_t")[0] in chosen})
-            info["reference"]["recon_images"] = n
-    dist.on_main(load_and_reconstruct)  # an error on rank 0 stops every rank
+    check_audit_request(chosen, cfg, reference, num_samples, utility_per_class)
+    ev = _Evaluation(G, diffusion, cfg, chosen, seed, device, extractor_path, fid_weights, cache_dir, batch_size,
+                     per_class, utility_per_class)
+    dist.on_main(lambda: ev.load(reference, reference_images, recon_images, t_values))  # an error stops every rank
     samples = ranks = None
     clock = time.perf_counter()
     if chosen & SAMPLE_METRICS:
         samples, ranks = generate_distributed(G, diffusion, cfg, num_samples=num_samples, sampler=sampler,
                                               steps=steps, seed=seed, batch_size=batch_size, device=device,
                                               guidance=guidance)
-    info.update(generation_s=round(time.perf_counter() - clock, 3), extractor=extractor,
-                world_size=dist.get_world_size())
-
-    def score() -> tuple[dict[str, float], dict[str, Any]]:  # rank 0, which holds the samples
-        real, labels, key = ref["real"], ref["labels"], ref["key"]
-        if want_fid:
-            scores.update(fid_kid_of(real, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg, device,
-                                   batch_size))
-            for c in range(cfg.model.num_classes if per_class else 0):
-                scores.update(class_fid_kid(c, real, labels, samples, chosen, extractor_path, fid_weights,
-                                             cache_dir, key, cfg, device, batch_size))
-        if "frd" in chosen:
-            from dgan.metrics import frd, to_uint8  # torch-fidelity: slow to import
-
-            scores["frd"] = frd(to_uint8(real), samples)  # the reference first: FRD z-scores against it
-        return scores, info
-    scores, info = dist.on_main(score)  # every rank gets the numbers, or rank 0's error
-    return EvalResult(metrics=scores, info=info, samples=samples, sample_ranks=ranks)
+    ev.info.update(generation_s=round(time.perf_counter() - clock, 3), extractor=extractor,
+                   world_size=dist.get_world_size())
+    scores, info = dist.on_main(lambda: ev.score(samples))  # every rank gets the numbers, or rank 0's error
+    return EvalResult(metrics=scores, info=info, samples=samples, sample_ranks=ranks,
+                      artefacts=ev.ref.get("artefacts") or {})
 
 
 def fid_kid_of(real, samples, chosen, extractor_path, fid_weights, cache_dir, key, cfg, device,
-             batch_size) -> dict[str, float]:
-    from dgan.metrics import fid_kid, to_uint8  # torch-fidelity: slow to import
+               batch_size) -> dict[str, float]:
+    from dgan.metrics import fid_kid  # torch-fidelity: slow to import
 
     cache = Path(cache_dir) if cache_dir is not None else Path(cfg.log.root) / ".cache" / "fid"
     out = fid_kid(to_uint8(real), samples, extractor_path=extractor_path, fid_weights=fid_weights,

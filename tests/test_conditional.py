@@ -128,3 +128,34 @@ def test_per_class_on_an_unconditional_model_is_a_clear_error(tmp_path_factory, 
                  "--feature-extractor", str(build_tiny_extractor(tmp_path / "tiny.pt"))])
     assert r.returncode == 1
     assert "--per-class needs a class-conditional model" in r.stderr
+
+
+def test_audit_on_the_conditional_run_and_its_clear_refusals(conditional_run, tiny_run_dir, tmp_path):
+    """dgan.evaluate --prdc --diversity --utility on the class-conditional run (issue 12) gives every
+    metric with its real floor. --memorization without 200 held-out images, and --utility on an
+    unconditional run, stop in one line before any sampling (5000 samples would take many minutes)."""
+    import json
+    import time
+
+    from dgan.metrics import build_tiny_extractor
+
+    ckpt, _, _ = conditional_run
+    extractor, out = build_tiny_extractor(tmp_path / "tiny.pt"), tmp_path / "eval.json"
+    r = run_cli([sys.executable, "-m", "dgan.evaluate", "--prdc", "--diversity", "--utility", "--utility-per-class",
+                 "16", "--num-samples", "64", "--steps", "5", "--checkpoint", str(ckpt), "--feature-extractor",
+                 str(extractor), "--no-mlflow", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(out.read_text())["metrics"]
+    for key in ("precision", "recall", "density", "coverage", "real_precision", "real_recall", "real_density",
+                "real_coverage", "ms_ssim", "real_ms_ssim", "utility_synthetic_balanced_accuracy",
+                "utility_synthetic_auroc", "utility_real_balanced_accuracy", "utility_real_auroc"):
+        assert key in m, key
+    assert 0 <= m["coverage"] <= 1 and 0 < m["real_ms_ssim"] < 1 and m["utility_real_balanced_accuracy"] > 0.9
+    for args, message in ((["--memorization", "--checkpoint", str(ckpt)], "needs at least 200"),
+                          (["--utility", "--run", str(tiny_run_dir)], "needs a class-conditional model")):
+        clock = time.monotonic()
+        r = run_cli([sys.executable, "-m", "dgan.evaluate", *args, "--feature-extractor", str(extractor),
+                     "--no-mlflow", "--num-samples", "5000"], timeout=120)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and message in last and last.startswith("dgan.evaluate: "), r.stderr[-2000:]
+        assert time.monotonic() - clock < 60

@@ -98,7 +98,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def _write_split(split: str, records: Iterable[Union[Record, Skipped]], tmp_dir: Path, *, resolution: int,
                  channels: int, maxcount: int, maxsize: int, digest, skipped: list[dict], provenance,
-                 on_item: Callable[[], None]) -> SplitStats:
+                 on_item: Callable[[], None], key_prefix: str = "") -> SplitStats:
     import webdataset as wds
 
     stats = SplitStats()
@@ -121,7 +121,7 @@ def _write_split(split: str, records: Iterable[Union[Record, Skipped]], tmp_dir:
                 skipped.append({"split": split, "reason": reason, "source": rec.meta.source, "detail": str(exn)})
                 continue
             rec.meta.bit_depth = 16 if stored.dtype == np.uint16 else 8
-            key = f"{split}{stats.count:08d}"
+            key = f"{key_prefix}{split}{stats.count:08d}"
             png, cls = encode_png(stored), str(rec.meta.label).encode()
             for part in (key.encode(), png, cls):
                 digest.update(len(part).to_bytes(8, "little") + part)
@@ -140,8 +140,10 @@ def _write_split(split: str, records: Iterable[Union[Record, Skipped]], tmp_dir:
 
 def write_shards(splits: dict[str, Iterable[Union[Record, Skipped, None]]], out_dir: Path, *, resolution: int,
                  channels: int, classes: list[str], source: dict, maxcount: int = 5000, maxsize: int = 1 << 30,
-                 progress_total: int = 0, progress: bool = True, extra: Optional[dict] = None) -> WriteResult:
+                 progress_total: int = 0, progress: bool = True, extra: Optional[dict] = None,
+                 key_prefix: str = "") -> WriteResult:
     """Write each split's records to `<split>-NNNNNN.tar` shards in out_dir, atomically.
+    `key_prefix` keeps sample keys unique when several writers' shards are merged (dgan.export).
 
     `splits` maps a split name to its records in the final (already shuffled) order; a
     `None` record marks the end of one input file for the progress bar. Everything is
@@ -160,7 +162,7 @@ def write_shards(splits: dict[str, Iterable[Union[Record, Skipped, None]]], out_
             for split, records in splits.items():
                 stats[split] = _write_split(split, records, tmp_dir, resolution=resolution, channels=channels,
                                             maxcount=maxcount, maxsize=maxsize, digest=digest,
-                                            skipped=skipped, provenance=prov, on_item=advance)
+                                            skipped=skipped, provenance=prov, on_item=advance, key_prefix=key_prefix)
         manifest = _manifest(stats, tmp_dir, digest.hexdigest(), resolution=resolution, channels=channels,
                              classes=classes, source=source, skipped=skipped, extra=extra or {})
         _write_json(tmp_dir / MANIFEST_NAME, manifest)

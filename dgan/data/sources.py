@@ -53,6 +53,7 @@ class SampleMeta:
     series: Optional[str] = None
     index: Optional[int] = None         # slice or frame index inside a volume
     volume: Optional[int] = None        # 4D NIfTI: which 3D volume
+    generation: Optional[dict] = None   # synthetic images (dgan.export): checkpoint, sampler, steps, seed
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}

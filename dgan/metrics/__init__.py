@@ -1,7 +1,10 @@
 """Image-quality metrics: FID/KID through torch-fidelity, PSNR/SSIM through torchmetrics, FRD.
 
 The metrics layer under ``python -m dgan.evaluate``, one module per family: fidelity.py (FID/KID,
-PSNR/SSIM), frd.py (FRD, optional), extractor.py (domain feature extractors). It never downloads
+PSNR/SSIM), frd.py (FRD, optional), extractor.py (domain feature extractors and the small CNN
+classifier), features.py (features in FID's space), coverage.py (precision/recall, density/coverage),
+memorization.py (nearest training image vs held-out baseline), diversity.py (MS-SSIM between
+samples), utility.py (train on synthetic, test on real), neighbours.py (chunked k-NN search). It never downloads
 anything. Import from here: ``from dgan.metrics import fid_kid``.
 
 FID and KID
@@ -47,11 +50,19 @@ FRD (optional, ``pip install -e ".[frd]"``)
 
 from __future__ import annotations
 
-from dgan.metrics.extractor import build_tiny_extractor, train_domain_extractor
+from dgan.metrics.coverage import density_coverage, precision_recall
+from dgan.metrics.diversity import ms_ssim_diversity
+from dgan.metrics.extractor import build_tiny_extractor, fit_classifier, train_domain_extractor
+from dgan.metrics.features import extract_features
+from dgan.metrics.memorization import MemorizationAudit, closest_pairs
+from dgan.metrics.memorization import audit as memorization_audit
+from dgan.metrics.utility import train_synthetic_test_real
 from dgan.metrics.fidelity import (INCEPTION, MetricError, fid_kid, inception_weights_cache_path, psnr_ssim,
-                                   resolve_inception_weights, to_uint8)
+                                   resolve_inception_weights)
 from dgan.metrics.frd import FRD_INSTALL, frd, require_frd
+from dgan.pixels import to_uint8
 
-__all__ = ["FRD_INSTALL", "INCEPTION", "MetricError", "build_tiny_extractor", "fid_kid", "frd",
-           "inception_weights_cache_path", "psnr_ssim", "require_frd", "resolve_inception_weights",
-           "to_uint8", "train_domain_extractor"]
+__all__ = ["FRD_INSTALL", "INCEPTION", "MemorizationAudit", "MetricError", "build_tiny_extractor", "closest_pairs",
+           "density_coverage", "extract_features", "fid_kid", "fit_classifier", "frd", "inception_weights_cache_path",
+           "memorization_audit", "ms_ssim_diversity", "precision_recall", "psnr_ssim", "require_frd",
+           "resolve_inception_weights", "to_uint8", "train_domain_extractor", "train_synthetic_test_real"]

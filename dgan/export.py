@@ -1,0 +1,222 @@
+"""python -m dgan.export: write a synthetic dataset from a checkpoint, as dgan shards (and DICOM).
+
+    python -m dgan.export --checkpoint CKPT --num-samples 100000 --out synthetic/ [--sampler ddim --steps 50]
+        [--guidance W] [--seed S] [--batch-size B] [--dicom]
+    torchrun --standalone --nproc_per_node=4 -m dgan.export --checkpoint CKPT --num-samples 100000 --out synthetic/
+
+The output folder is a dgan shard set (`data.source=shards data.shards='synthetic/train-*.tar'`,
+or any webdataset reader): `train-NNNNNN.tar` with <key>.png and <key>.cls (the class it was
+generated for), `provenance.jsonl` with one line per sample (its index, class, and how it was made:
+checkpoint hash, sampler, steps, guidance, seed), and `manifest.json`, whose `source.kind` is
+"synthetic" and which records the same generation settings. Images keep the training data's bit
+depth (16-bit PNG when the run trained on 16-bit data). With --dicom, `dicom/NNNNNN.dcm` as well:
+Secondary Capture files marked DERIVED/SYNTHETIC, with no patient data (patient name and ID say
+SYNTHETIC; nothing is copied from any real file).
+
+Sample i starts from noise seeded by (seed, i) and has class i % K, as in dgan.evaluate, so the set
+does not depend on the number of ranks. Rank r generates the indices i % world_size == r in
+batches and streams them to disk: memory holds one batch, whatever --num-samples is. The folder appears only
+when every rank has finished (written in a hidden sibling first); an existing one is never touched.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from dgan import distributed as dist
+from dgan.config import positive_int_arg
+from dgan.diffusion import SAMPLERS
+from dgan.errors import DganError, UsageError, report
+from dgan.generation import generate_indices, load_generator, rank_indices
+from dgan.runinfo import file_sha256
+
+
+def sample_arrays(x: torch.Tensor, bit_depth: int) -> np.ndarray:
+    """[-1, 1] float images -> N x H x W (x C) uint8 or uint16 arrays, as the shard writer stores them."""
+    scale = 65535.0 if bit_depth == 16 else 255.0
+    v = ((x.clamp(-1, 1) + 1) / 2 * scale).round().numpy().astype(np.uint16 if bit_depth == 16 else np.uint8)
+    v = v.transpose(0, 2, 3, 1)
+    return v[..., 0] if v.shape[-1] == 1 else v
+
+
+def records(G, diffusion, cfg, indices: Sequence[int], generation: dict, *, batch_size: int, device, bit_depth: int,
+            dicom_dir: Optional[Path]) -> Iterator:
+    """Shard-writer records for `indices`, generated batch by batch (one batch in memory at a time)."""
+    from dgan.data.sources import Record, SampleMeta  # cv2/pydicom/nibabel: slow to import
+
+    k = max(cfg.model.num_classes, 1)
+    for start in range(0, len(indices), batch_size):
+        chunk = list(indices[start:start + batch_size])
+        x = generate_indices(G, diffusion, chunk, sampler=generation["sampler"], steps=generation["steps"],
+                             seed=generation["seed"], channels=cfg.model.channels, image_size=cfg.model.image_size,
+                             num_classes=cfg.model.num_classes, batch_size=batch_size, device=device,
+                             guidance=generation["guidance"])
+        for i, image in zip(chunk, sample_arrays(x, bit_depth)):
+            meta = SampleMeta(f"synthetic[{i}]", i % k, original_size=image.shape[:2], bit_depth=bit_depth,
+                              index=i, generation=generation)
+            if dicom_dir is not None:
+                write_dicom(dicom_dir / f"{i:06d}.dcm", image, meta, generation)
+            yield Record(image, meta)
+            yield None  # one progress tick per sample
+
+
+def write_dicom(path: Path, image: np.ndarray, meta, generation: dict) -> None:
+    """A Secondary Capture DICOM file, plainly synthetic, with no patient data."""
+    import pydicom  # slow to import; only with --dicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    fm = FileMetaDataset()
+    fm.MediaStorageSOPClassUID, fm.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    fm.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = fm
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, fm.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.ConversionType = "OT", "SYN"  # SYN: synthetic image (the DICOM term for it)
+    ds.ImageType = ["DERIVED", "SECONDARY", "SYNTHETIC"]
+    ds.PatientName, ds.PatientID = "SYNTHETIC^DGAN", f"SYNTHETIC-{meta.index:06d}"
+    ds.Manufacturer, ds.SeriesDescription = "dgan", "dgan synthetic images (not a patient)"
+    ds.DerivationDescription = (f"synthetic, generated by dgan from checkpoint sha256 {generation['checkpoint_sha256'][:16]}"
+                                f", {generation['sampler']} {generation['steps']} steps, seed {generation['seed']}, "
+                                f"index {meta.index}, class {meta.label}")[:1024]
+    ds.BurnedInAnnotation, ds.InstanceNumber = "NO", meta.index + 1
+    ds.SamplesPerPixel = 1 if image.ndim == 2 else image.shape[2]
+    ds.PhotometricInterpretation = "MONOCHROME2" if image.ndim == 2 else "RGB"
+    if image.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = image.shape[:2]
+    ds.BitsAllocated = ds.BitsStored = 16 if image.dtype == np.uint16 else 8
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    ds.PixelData = np.ascontiguousarray(image).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def export_bit_depth(cfg) -> int:
+    """16 when the run trained on 16-bit shards (their manifest says so), else 8."""
+    if cfg.data.source != "shards" or not cfg.data.shards:
+        return 8
+    from dgan.data.shard_sets import resolve_shards  # webdataset/cv2: slow to import
+
+    depths = resolve_shards(cfg.data.shards).manifest["splits"].get("train", {}).get("bit_depths", {})
+    return 16 if depths.get("16", 0) > depths.get("8", 0) else 8
+
+
+def merge_parts(parts: Path, out: Path, world: int, source: dict) -> dict:
+    """Rank 0: the ranks' shard sets -> one, with shards renumbered in rank order; returns the manifest."""
+    from dgan.data.shards import MANIFEST_NAME, PROVENANCE_NAME  # webdataset/cv2: slow to import
+
+    manifests = [json.loads((parts / f"rank-{r}" / MANIFEST_NAME).read_text()) for r in range(world)]
+    merged = {**manifests[0], "source": source, "hash": hashlib.sha256(
+        "".join(m["hash"] for m in manifests).encode()).hexdigest()}
+    split, shards, classes, depths, count = merged["splits"]["train"], [], {}, {}, 0
+    with open(parts / PROVENANCE_NAME, "w") as prov:
+        for r, m in enumerate(manifests):
+            names = {}
+            for shard in m["splits"]["train"]["shards"]:
+                names[shard["name"]] = f"train-{len(shards):06d}.tar"
+                (parts / f"rank-{r}" / shard["name"]).rename(parts / names[shard["name"]])
+                shards.append({**shard, "name": names[shard["name"]]})
+            for line in (parts / f"rank-{r}" / PROVENANCE_NAME).read_text().splitlines():
+                row = json.loads(line)
+                prov.write(json.dumps({**row, "shard": names[row["shard"]]}, sort_keys=True) + "\n")
+            for table, into in ((m["splits"]["train"]["classes"], classes), (m["splits"]["train"]["bit_depths"], depths)):
+                for key, n in table.items():
+                    into[key] = into.get(key, 0) + n
+            count += m["splits"]["train"]["count"]
+    merged["splits"] = {"train": {**split, "count": count, "classes": classes, "bit_depths": depths, "shards": shards}}
+    (parts / MANIFEST_NAME).write_text(json.dumps(merged, indent=1))
+    dicom = parts / "dicom"
+    if not any(dicom.iterdir()):  # no --dicom
+        dicom.rmdir()
+    for r in range(world):
+        shutil.rmtree(parts / f"rank-{r}")
+    parts.rename(out)
+    return merged
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dgan.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file (runs/<run>/checkpoints/ckpt-*.pt)")
+    # not --n: under torchrun, argparse would take it for an abbreviation of --nnodes/--nproc-per-node
+    p.add_argument("--num-samples", type=positive_int_arg, required=True, help="number of images")
+    p.add_argument("--out", required=True, help="a new folder for the shard set (never overwritten)")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    p.add_argument("--steps", type=positive_int_arg, default=50, help="sampler steps, 1..T (ddpm always uses T)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int_arg, default=256, help="per-rank generation batch")
+    p.add_argument("--maxcount", type=positive_int_arg, default=5000, help="samples per shard")
+    p.add_argument("--dicom", action="store_true", help="also write <out>/dicom/NNNNNN.dcm (Secondary Capture)")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def export(args: argparse.Namespace, device: torch.device) -> dict:
+    """Collective: every rank writes its share to a hidden parts folder; rank 0 merges and publishes."""
+    from dgan.data.shards import write_shards  # webdataset/cv2: slow to import
+
+    out = Path(args.out)
+    G, cfg, diffusion, _ = load_generator(args.checkpoint, device)
+    if args.sampler != "ddpm" and args.steps > diffusion.num_steps:
+        raise UsageError(f"--steps {args.steps}: the model has T={diffusion.num_steps}; use 1..{diffusion.num_steps}")
+    if cfg.model.task == "sr":
+        raise UsageError("--checkpoint is a super-resolution model: it needs LR inputs, not noise; use dgan.sample")
+    parts = out.with_name(f".{out.name}.parts")
+
+    def prepare() -> tuple[dict, int]:  # rank 0: refuse to overwrite; clear a killed export's leftovers
+        if out.exists():
+            raise UsageError(f"--out {out} exists; choose a new folder (nothing is overwritten)")
+        shutil.rmtree(parts, ignore_errors=True)
+        (parts / "dicom").mkdir(parents=True)
+        generation = {"checkpoint": str(Path(args.checkpoint).resolve()), "checkpoint_sha256": file_sha256(args.checkpoint),
+                      "sampler": args.sampler, "steps": diffusion.num_steps if args.sampler == "ddpm" else args.steps,
+                      "guidance": args.guidance, "seed": args.seed}
+        return generation, export_bit_depth(cfg)
+    generation, bit_depth = dist.on_main(prepare)
+    k = max(cfg.model.num_classes, 1)
+    mine = rank_indices(args.num_samples, dist.get_rank(), dist.get_world_size())
+    error: Optional[BaseException] = None
+    try:
+        write_shards({"train": records(G, diffusion, cfg, mine, generation, batch_size=args.batch_size, device=device,
+                                       bit_depth=bit_depth, dicom_dir=parts / "dicom" if args.dicom else None)},
+                     parts / f"rank-{dist.get_rank()}", resolution=cfg.model.image_size, channels=cfg.model.channels,
+                     classes=[str(c) for c in range(k)], source={"kind": "synthetic"}, maxcount=args.maxcount,
+                     progress_total=len(mine), progress=dist.is_main(), key_prefix=f"r{dist.get_rank()}-")
+    except Exception as e:  # noqa: BLE001 - re-raised below, after every rank knows
+        error = e
+    (any_failed,) = dist.any_rank_flags([error is not None])  # no rank waits for one that died
+    if error is not None:
+        raise error
+    if any_failed:
+        raise DganError("another rank failed during the export; its error is in the log")
+    source = {"kind": "synthetic", "synthetic": True, "num_samples": args.num_samples, "classes": k, "bit_depth": bit_depth,
+              "dicom": args.dicom, **generation}
+    return dist.on_main(lambda: merge_parts(parts, out, dist.get_world_size(), source))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = dist.init(args.device)
+        try:
+            manifest = export(args, device)
+            dist.print0(f"wrote {manifest['splits']['train']['count']} synthetic images to {args.out}")
+        finally:
+            dist.shutdown()
+    except DganError as e:
+        return report(e, "dgan.export")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
