@@ -40,6 +40,15 @@ def check_audit_request(chosen: set[str], cfg, reference: str, num_samples: int,
                         "use --reference val, not train")
 
 
+def check_utility_data(train_labels: Tensor, num_classes: int, per_class: int) -> None:
+    """Rank 0, once the training labels are loaded and before any sampling: enough real images per class."""
+    counts = torch.bincount(train_labels.long().flatten(), minlength=num_classes)[:num_classes]
+    if int(counts.min()) < per_class:
+        c = int(counts.argmin())
+        raise EvalError(f"--utility: the training set has {int(counts[c])} images of class {c}, fewer than the "
+                        f"{per_class} per class asked; use --utility-per-class {int(counts[c])} or less")
+
+
 def _split_halves(x: Tensor) -> tuple[Tensor, Tensor]:
     half = x.shape[0] // 2
     return x[:half], x[half:2 * half]

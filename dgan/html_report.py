@@ -23,6 +23,7 @@ HIST_BINS = 30
 EXPLAIN = {
     "memorization_rate": "share of samples closer to a training image than 99% of held-out real images are "
                          "(about 0.01 without copying)",
+    "holdout_train_duplicates": "held-out images identical to a training image: a leak in the data split",
     "precision": "share of samples inside the real images' manifold (fidelity)",
     "recall": "share of real images inside the samples' manifold (coverage of the distribution)",
     "density": "samples per real neighbourhood, over k (about 1 when samples are as dense as reals)",
@@ -62,11 +63,12 @@ def png_tag(path: Optional[Path], alt: str) -> str:
 def histogram_svg(fake: torch.Tensor, holdout: torch.Tensor, threshold: float, width: int = 480,
                   height: int = 180) -> str:
     """Two overlaid histograms (share of each set per bin) and the threshold line, as inline SVG."""
-    top = float(torch.cat([fake, holdout]).max()) or 1.0
+    # The axis ends at the 99th percentile of both sets: a few far outliers would squash the rest.
+    top = float(torch.quantile(torch.cat([fake, holdout]).float(), 0.99)) or 1.0
     edges = torch.linspace(0, top, HIST_BINS + 1)
     parts = []
     for values, colour in ((holdout, "#888"), (fake, "#1f6fd1")):
-        counts = torch.histc(values.float(), bins=HIST_BINS, min=0, max=top) / max(values.numel(), 1)
+        counts = torch.histc(values.float().clamp(max=top), bins=HIST_BINS, min=0, max=top) / max(values.numel(), 1)
         peak = max(float(counts.max()), 1e-9)
         for i, c in enumerate(counts.tolist()):
             h = (height - 20) * c / peak

@@ -14,7 +14,8 @@ from typing import Any, Optional
 import torch
 
 from dgan import distributed as dist
-from dgan.audit import AUDIT_METRICS, DEFAULT_UTILITY_PER_CLASS, MIN_BASELINE_IMAGES, audit_scores, check_audit_request
+from dgan.audit import (AUDIT_METRICS, DEFAULT_UTILITY_PER_CLASS, MIN_BASELINE_IMAGES, audit_scores,
+                        check_audit_request, check_utility_data)
 from dgan.config_checks import METRICS
 from dgan.diffusion import SAMPLERS
 from dgan.errors import EvalError
@@ -132,6 +133,8 @@ class _Evaluation:
             train, self.ref["train_labels"] = load_reference(cfg, "train")
             self.ref["train"] = to_uint8(train)  # a quarter of the float32 memory, kept for the audit
             self.info["reference"]["train_images"] = int(train.shape[0])
+            if "utility" in chosen:
+                check_utility_data(self.ref["train_labels"], cfg.model.num_classes, self.utility_per_class)
         if chosen & {"psnr", "ssim"}:
             n = min(recon_images, real.shape[0])
             recon = reconstruction_metrics(self.G, self.diffusion, real[:n], conditioning_labels(cfg, labels[:n]),

@@ -56,6 +56,11 @@ def test_copies_of_training_images_are_flagged_and_new_real_images_are_not(sets)
                                 copies).metrics()
     fresh = memorization_audit(sets["f_train"], sets["f_holdout"], sets["f_new"], train, sets["holdout"],
                                sets["new"]).metrics()
+    # a held-out split that leaks 5 training images: they are counted, and kept out of the baseline
+    leaky = torch.cat([sets["holdout"], train[:5]])
+    leak = memorization_audit(sets["f_train"], torch.cat([sets["f_holdout"], sets["f_train"][:5]]), sets["f_new"],
+                              train, leaky, sets["new"]).metrics()
+    assert leak["holdout_train_duplicates"] == 5 and leak["memorization_rate"] == fresh["memorization_rate"]
     print(f"copies: {copied}\nnew real images: {fresh}")
     assert copied["memorization_rate"] > 0.9 and copied["memorization_nn_ratio"] < 0.75
     assert fresh["memorization_rate"] < 0.06 and 0.8 < fresh["memorization_nn_ratio"] < 1.25

@@ -132,8 +132,9 @@ def test_per_class_on_an_unconditional_model_is_a_clear_error(tmp_path_factory, 
 
 def test_audit_on_the_conditional_run_and_its_clear_refusals(conditional_run, tiny_run_dir, tmp_path):
     """dgan.evaluate --prdc --diversity --utility on the class-conditional run (issue 12) gives every
-    metric with its real floor. --memorization without 200 held-out images, and --utility on an
-    unconditional run, stop in one line before any sampling (5000 samples would take many minutes)."""
+    metric with its real floor. --memorization without 200 held-out images, --utility with too few
+    real images per class or on an unconditional run, stop in one line before any sampling (5000
+    samples would take many minutes)."""
     import json
     import time
 
@@ -152,6 +153,8 @@ def test_audit_on_the_conditional_run_and_its_clear_refusals(conditional_run, ti
         assert key in m, key
     assert 0 <= m["coverage"] <= 1 and 0 < m["real_ms_ssim"] < 1 and m["utility_real_balanced_accuracy"] > 0.9
     for args, message in ((["--memorization", "--checkpoint", str(ckpt)], "needs at least 200"),
+                          (["--utility", "--utility-per-class", "200", "--checkpoint", str(ckpt)],
+                           "use --utility-per-class 128 or less"),
                           (["--utility", "--run", str(tiny_run_dir)], "needs a class-conditional model")):
         clock = time.monotonic()
         r = run_cli([sys.executable, "-m", "dgan.evaluate", *args, "--feature-extractor", str(extractor),
