@@ -65,7 +65,6 @@ def histogram_svg(fake: torch.Tensor, holdout: torch.Tensor, threshold: float, w
     """Two overlaid histograms (share of each set per bin) and the threshold line, as inline SVG."""
     # The axis ends at the 99th percentile of both sets: a few far outliers would squash the rest.
     top = float(torch.quantile(torch.cat([fake, holdout]).float(), 0.99)) or 1.0
-    edges = torch.linspace(0, top, HIST_BINS + 1)
     parts = []
     for values, colour in ((holdout, "#888"), (fake, "#1f6fd1")):
         counts = torch.histc(values.float().clamp(max=top), bins=HIST_BINS, min=0, max=top) / max(values.numel(), 1)
@@ -78,7 +77,7 @@ def histogram_svg(fake: torch.Tensor, holdout: torch.Tensor, threshold: float, w
     tx = width * threshold / top
     parts.append(f'<line x1="{tx:.1f}" y1="0" x2="{tx:.1f}" y2="{height - 20}" stroke="#d11" stroke-width="2"/>')
     parts.append(f'<text x="2" y="{height - 4}" font-size="11">0</text><text x="{width - 60}" y="{height - 4}" '
-                 f'font-size="11">{float(edges[-1]):.3g}</text>')
+                 f'font-size="11">{top:.3g}</text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
             f'aria-label="nearest-training distances">{"".join(parts)}</svg>')
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dgan.errors import MetricError
 from dgan.metrics.neighbours import CHUNK, nearest
 
 QUANTILE = 0.01  # the held-out distances' 1st percentile is the copy threshold
@@ -61,9 +62,6 @@ def audit(train_feats: Tensor, holdout_feats: Tensor, fake_feats: Tensor, train_
     """Nearest training image of every sample and every held-out image, in both spaces, in chunks.
     Pixel distances are Euclidean on the uint8 values (0-255 units), converted chunk by chunk, so the
     training images stay uint8 in memory."""
-    if holdout_feats.shape[0] < int(1 / QUANTILE):
-        raise ValueError(f"the baseline needs at least {int(1 / QUANTILE)} held-out images for its "
-                         f"{QUANTILE:.0%} quantile, got {holdout_feats.shape[0]}")
     fake_d, fake_i = nearest(fake_feats, train_feats, 1, chunk=chunk)
     holdout_d, _ = nearest(holdout_feats, train_feats, 1, chunk=chunk)
     fake_px, _ = nearest(fake_u8, train_u8, 1, chunk=chunk)
@@ -73,8 +71,8 @@ def audit(train_feats: Tensor, holdout_feats: Tensor, fake_feats: Tensor, train_
     # could ever be flagged. It is left out of the baseline and counted.
     new = holdout_px[:, 0] > 0
     if int(new.sum()) < int(1 / QUANTILE):
-        raise ValueError(f"only {int(new.sum())} held-out images differ from every training image; the baseline "
-                         f"needs {int(1 / QUANTILE)}")
+        raise MetricError(f"memorization: only {int(new.sum())} held-out images differ from every training image; "
+                          f"the baseline's {QUANTILE:.0%} quantile needs {int(1 / QUANTILE)}")
     return MemorizationAudit(fake_d[:, 0], holdout_d[new, 0], fake_px[:, 0], holdout_px[new, 0], fake_i[:, 0],
                              holdout_duplicates=int((~new).sum()))
 
