@@ -213,6 +213,13 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     with dist.ddp_sync(tr.G, sync), amp:
         out = tr.G(x_t, t, y_g, cond).float()
     L_diff = diffusion_loss(out, tr.diffusion.training_target(x0, t, eps), tr.diffusion.loss_weight(t, cfg.diffusion.min_snr_gamma))
+    if g.adv_weight == 0:
+        # Pure diffusion: G never sees D, so training D would only cost time (and, with nothing
+        # pushing back, it overfits and runs away). Skipping it also keeps G's random stream
+        # independent of D's design, so a pure-diffusion arm is the same run whatever D is.
+        tr.scaler_g.scale(L_diff * loss_scale).backward()
+        zero = torch.zeros((), device=dev)
+        return {"L_diff": L_diff.detach(), "L_adv": zero, "L_D": zero, "L_r1": zero, "D_real": zero, "D_fake": zero}
     x0_hat = tr.diffusion.model_x0(x_t[:k], t[:k], out[:k]).clamp(-1, 1)
 
     # -- Phase 2: Diffusion-GAN instance noise on real and fake -----------------------------

@@ -33,6 +33,7 @@ def test_adv_weight_zero_gives_pure_diffusion_gradients(tiny_overrides):
     torch.manual_seed(5)
     micro_step(tr, cfg, x0, y, do_r1=False, sync=True, loss_scale=1.0)
     hybrid = grads(tr.G_raw)
+    assert not grads(tr.D_raw), "with adv_weight 0, D must not be trained (G never sees it)"
     tr.G_raw.zero_grad(set_to_none=True)
     torch.manual_seed(5)  # the same t and eps as the hybrid step drew first
     t, _ = draw_timesteps(4, tr.diffusion.num_steps, cfg.gan.adv_t_max, torch.device("cpu"))
