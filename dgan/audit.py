@@ -68,9 +68,7 @@ def memorization_scores(train_f, real_f, fake_f, train_u8, real_u8, fake_u8) -> 
 
     result = memorization_audit(train_f, real_f, fake_f, train_u8, real_u8, fake_u8)
     out = result.metrics()
-    (ra, rb), (pa, pb) = _split_halves(real_f), _split_halves(real_u8)
-    floor = memorization_audit(train_f, ra, rb, train_u8, pa, pb).metrics()  # held-out judged as if generated: about 1%
-    out["real_memorization_rate"] = floor["memorization_rate"]
+    out["real_memorization_rate"] = result.floor_rate()  # held-out judged as if generated: about 1%
     extras = {"memorization_pairs": closest_pairs(result, fake_u8, train_u8),
               "memorization_fake_dist": result.fake_dist, "memorization_holdout_dist": result.holdout_dist,
               "memorization_threshold": result.threshold}

@@ -21,7 +21,8 @@ from dgan.diffusion import SAMPLERS
 from dgan.errors import EvalError
 from dgan.generation import generate_distributed, guided_model_fn
 from dgan.pixels import to_uint8
-from dgan.reference import EvalResult, conditioning_labels, load_reference, reference_cache_key, reference_info
+from dgan.reference import (EvalResult, conditioning_labels, load_reference, load_reference_u8, reference_cache_key,
+                            reference_info)
 from dgan.runinfo import file_sha256
 from dgan.seeding import Stream, derive_seed
 
@@ -130,9 +131,9 @@ class _Evaluation:
             raise EvalError(f"--memorization: the held-out split has {real.shape[0]} images; its baseline needs at "
                             f"least {MIN_BASELINE_IMAGES} (raise --reference-images, or hold out more data)")
         if chosen & {"memorization", "utility"}:  # the training images, as the model saw them
-            train, self.ref["train_labels"] = load_reference(cfg, "train")
-            self.ref["train"] = to_uint8(train)  # a quarter of the float32 memory, kept for the audit
-            self.info["reference"]["train_images"] = int(train.shape[0])
+            # uint8, read in chunks: 100k training images never exist as float32 at once
+            self.ref["train"], self.ref["train_labels"] = load_reference_u8(cfg, "train")
+            self.info["reference"]["train_images"] = int(self.ref["train"].shape[0])
             if "utility" in chosen:
                 check_utility_data(self.ref["train_labels"], cfg.model.num_classes, self.utility_per_class)
         if chosen & {"psnr", "ssim"}:

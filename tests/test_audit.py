@@ -9,10 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import dgan.data.build as build
+from dgan.config import load_config
 from dgan.data.synthetic import make_phantoms
+from dgan.errors import MetricError
 from dgan.metrics import (build_tiny_extractor, closest_pairs, density_coverage, extract_features,
                           memorization_audit, ms_ssim_diversity, precision_recall, train_synthetic_test_real)
 from dgan.metrics.neighbours import kth_neighbour_radius, nearest
+from dgan.pixels import to_uint8
+from dgan.reference import load_reference, load_reference_u8
 
 
 def phantoms(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +59,15 @@ def test_copies_of_training_images_are_flagged_and_new_real_images_are_not(sets)
     copies = copies.clamp(0, 255).to(torch.uint8)
     copied = memorization_audit(sets["f_train"], sets["f_holdout"], sets["feats"](copies), train, sets["holdout"],
                                 copies).metrics()
-    fresh = memorization_audit(sets["f_train"], sets["f_holdout"], sets["f_new"], train, sets["holdout"],
-                               sets["new"]).metrics()
+    fresh_audit = memorization_audit(sets["f_train"], sets["f_holdout"], sets["f_new"], train, sets["holdout"],
+                                     sets["new"])
+    fresh = fresh_audit.metrics()
+    # the real floor: held-out images judged by the rule as if generated flag about 1%, by construction
+    assert fresh_audit.floor_rate() < 0.06
+    small = memorization_audit(sets["f_train"], sets["f_holdout"][:150], sets["f_new"], train, sets["holdout"][:150],
+                               sets["new"])
+    with pytest.raises(MetricError, match="hold out more images"):
+        small.floor_rate()  # 75 per half: too few for a 1% quantile
     # a held-out split that leaks 5 training images: they are counted, and kept out of the baseline
     leaky = torch.cat([sets["holdout"], train[:5]])
     leak = memorization_audit(sets["f_train"], torch.cat([sets["f_holdout"], sets["f_train"][:5]]), sets["f_new"],
@@ -119,3 +131,11 @@ def test_utility_is_high_for_class_true_samples_and_at_chance_when_the_class_is_
     # that happens to follow brightness ranks them at 0 or 1. Its accuracy shows it learned nothing.
     assert abs(bad["utility_synthetic_balanced_accuracy"] - 0.5) < 0.2
     assert bad["utility_real_balanced_accuracy"] == pytest.approx(good["utility_real_balanced_accuracy"])
+
+
+def test_training_images_for_the_audit_read_in_chunks_equal_the_whole_read(monkeypatch):
+    cfg = load_config(None, ["data.num_images=40"])
+    whole, labels = load_reference(cfg, "train")
+    monkeypatch.setattr(build, "EVAL_CHUNK", 16)  # three chunks: 16, 16, 8
+    u8, u8_labels = load_reference_u8(cfg, "train")
+    assert u8.dtype == torch.uint8 and torch.equal(u8, to_uint8(whole)) and torch.equal(u8_labels, labels)

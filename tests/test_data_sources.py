@@ -9,10 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_helpers import data_cfg, tree_digest
-from dgan.data import DataError, build_eval_images, build_train_data
+from dgan.data import DataError, build_eval_images, build_train_data, iter_eval_images
 from dgan.data.shards import main as shards_main
 
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"
@@ -205,6 +206,17 @@ def test_npz_cli_writes_its_own_splits(tmp_path):
     vx, vy = build_eval_images(cfg, image_size=28, channels=1, split="val")
     got = Counter((np.rint((x[0].numpy() + 1) / 2 * 255).astype(np.uint8).tobytes(), int(y)) for x, y in zip(vx, vy))
     assert got == Counter((img.tobytes(), int(lab)) for img, lab in zip(arrays["val_images"], arrays["val_labels"][:, 0]))
+    # the chunked read (how the audit loads 100k training images) is the same images, in order,
+    # from shards and from the npz itself, with a chunk border inside the set and at its end
+    npz_cfg = data_cfg(source="npz", path=str(src))
+    for source_cfg, split, n in ((cfg, "val", 4), (cfg, "train", 9), (npz_cfg, "train", 9)):
+        whole_x, whole_y = build_eval_images(source_cfg, image_size=28, channels=1, split=split)
+        parts = list(iter_eval_images(source_cfg, image_size=28, channels=1, split=split, chunk=4))
+        assert [len(x) for x, _ in parts] == [4] * (n // 4) + [n % 4] * (n % 4 > 0)
+        assert torch.equal(torch.cat([x for x, _ in parts]), whole_x)
+        assert torch.equal(torch.cat([y for _, y in parts]), whole_y)
+    three = list(iter_eval_images(npz_cfg, image_size=28, channels=1, split="train", max_images=6, chunk=4))
+    assert [len(x) for x, _ in three] == [4, 2]
 
 
 def test_patient_split_never_leaks(tmp_path):

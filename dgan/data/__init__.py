@@ -5,7 +5,8 @@
 - `shards`     the writer CLI (`python -m dgan.data.shards`) and manifests
 - `shard_sets` shard patterns -> ShardSet, and the built-in sources' cache
 - `loader`     `TrainData`: DDP-safe batches from shards
-- `build`      `build_train_data` (shards or a built-in source) and `build_eval_images`
+- `build`      `build_train_data` (shards or a built-in source), `build_eval_images` and its
+               chunked form `iter_eval_images`
 - `transforms` albumentations training augmentation
 - `synthetic`  procedural phantoms, the built-in default dataset
 
@@ -18,7 +19,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {"TrainData": "dgan.data.loader", "build_train_data": "dgan.data.build",
-            "build_eval_images": "dgan.data.build", "DataError": "dgan.data.sources"}
+            "build_eval_images": "dgan.data.build", "iter_eval_images": "dgan.data.build",
+            "DataError": "dgan.data.sources"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -8,9 +8,10 @@ import logging
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from dgan.data import shards as shard_io
@@ -125,9 +126,22 @@ def npz_cache(cfg: Any, *, image_size: int, channels: int) -> Path:
 
 
 
+EVAL_CHUNK = 1024  # images converted at a time: the float32 peak of a held-out read, whatever N is
+
+
 def build_eval_images(cfg: Any, *, image_size: int, channels: int, split: str = "val",
                       max_images: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """Held-out images (float32 [-1, 1], N x C x H x W) and int64 labels, no augmentation.
+    """Held-out images (float32 [-1, 1], N x C x H x W) and int64 labels, no augmentation: all of
+    `iter_eval_images`'s chunks at once. A large set read only to be kept as uint8 (the audit's
+    training images) should use the chunks instead, which never hold the whole set as float32."""
+    xs, ys = zip(*iter_eval_images(cfg, image_size=image_size, channels=channels, split=split,
+                                   max_images=max_images))
+    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
+
+
+def iter_eval_images(cfg: Any, *, image_size: int, channels: int, split: str = "val",
+                     max_images: Optional[int] = None, chunk: Optional[int] = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Held-out images in chunks of at most `chunk` (float32 [-1, 1], N x C x H x W; int64 labels).
 
     - phantoms: split="val"/"test" give phantoms from a fresh seed (never the training ones),
       split="train" the training phantoms; N = max_images or data.num_images.
@@ -135,27 +149,33 @@ def build_eval_images(cfg: Any, *, image_size: int, channels: int, split: str = 
       training cache. PneumoniaMNIST's val has another label mix than train (74% vs 90%
       pneumonia): for quality numbers prefer split="train" or class-conditional scores.
     - shards: split="val" reads data.val_shards, split="train" data.shards, in file order.
-    Corrupt samples are skipped and logged, never silently.
+    Corrupt samples are skipped and logged, never silently. Yields at least one chunk.
     """
-    source = cfg.source
+    source, chunk = cfg.source, chunk or EVAL_CHUNK
+    if source == "shards":
+        yield from _eval_from_shards(cfg, image_size=image_size, channels=channels, split=split,
+                                     max_images=max_images, chunk=chunk)
+        return
     if source == "phantoms":
         seed = int(cfg.phantom_seed) if split == "train" else eval_phantom_seed(int(cfg.phantom_seed))
         images, labels = make_phantoms(max_images or int(cfg.num_images), image_size, seed)
     elif source == "npz":
-        images, labels = read_npz(Path(cfg.path), split)
+        images, labels = read_npz(Path(cfg.path), split)  # the file's own dtype: its smallest form in memory
         images, labels = images[:max_images], labels[:max_images]
-    elif source == "shards":
-        return _eval_from_shards(cfg, image_size=image_size, channels=channels, split=split, max_images=max_images)
     else:
         raise DataError(f"data.source {source!r}: use phantoms, npz or shards")
-    stored = [letterbox_resize(to_stored(img, channels), image_size) for img in images]
-    floats = [(s.astype(np.float32) / (65535.0 if s.dtype == np.uint16 else 255.0)) for s in stored]
-    return collate([f[:, :, None] if f.ndim == 2 else f for f in floats], [int(v) for v in labels])
+    if len(images) == 0:
+        raise DataError(f"data.source={source}: the {split!r} split has no images")
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk]
+        stored = [letterbox_resize(to_stored(img, channels), image_size) for img in part]
+        floats = [(s.astype(np.float32) / (65535.0 if s.dtype == np.uint16 else 255.0)) for s in stored]
+        yield collate([f[:, :, None] if f.ndim == 2 else f for f in floats],
+                      [int(v) for v in labels[start:start + chunk]])
 
 
-
-def _eval_from_shards(cfg: Any, *, image_size: int, channels: int, split: str,
-                      max_images: Optional[int]) -> tuple[Tensor, Tensor]:
+def _eval_from_shards(cfg: Any, *, image_size: int, channels: int, split: str, max_images: Optional[int],
+                      chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
     import webdataset as wds
 
     pattern = {"val": cfg.val_shards, "train": cfg.shards}.get(split)
@@ -167,7 +187,7 @@ def _eval_from_shards(cfg: Any, *, image_size: int, channels: int, split: str,
     ds = wds.WebDataset(list(shard_set.urls), shardshuffle=False, nodesplitter=None, workersplitter=None,
                         handler=skips.handler, empty_check=False, seed=0)
     ds = ds.compose(partial(check_shard_counts, expected=dict(zip(shard_set.urls, shard_set.counts)), skips=skips))
-    images, labels = [], []
+    images, labels, count = [], [], 0
     for sample in ds:
         try:
             image, label = decode_sample(sample, image_size, channels)
@@ -176,10 +196,15 @@ def _eval_from_shards(cfg: Any, *, image_size: int, channels: int, split: str,
             continue
         images.append(image)
         labels.append(label)
-        if max_images is not None and len(images) >= max_images:
+        count += 1
+        if len(images) == chunk:
+            yield collate(images, labels)
+            images, labels = [], []
+        if max_images is not None and count >= max_images:
             break
     for reason, url, key, detail in skips.drain():
         log.warning("data: eval skipped %s %s in %s: %s", reason, key or "-", url or "-", detail)
-    if not images:
+    if not count:
         raise DataError(f"{pattern}: no readable eval images; check or rewrite the shards")
-    return collate(images, labels)
+    if images:
+        yield collate(images, labels)

@@ -47,6 +47,19 @@ class MemorizationAudit:
         """[M] bool: the sample is closer to a training image than the baseline allows, in either space."""
         return (self.fake_dist < self.threshold) | (self.fake_dist_px < self.threshold_px)
 
+    def floor_rate(self) -> float:
+        """The rule applied to real images that were never trained on: the first half of the held-out
+        distances sets the thresholds, the second half is judged as if generated (about QUANTILE by
+        construction). Reuses the distances already found: no second search of the training set."""
+        half = self.holdout_dist.shape[0] // 2
+        if half < int(1 / QUANTILE):
+            raise MetricError(f"memorization: the real floor needs {2 * int(1 / QUANTILE)} new held-out images, "
+                              f"got {self.holdout_dist.shape[0]}; hold out more images")
+        thr = torch.quantile(self.holdout_dist[:half], QUANTILE)
+        thr_px = torch.quantile(self.holdout_dist_px[:half], QUANTILE)
+        judged = (self.holdout_dist[half:] < thr) | (self.holdout_dist_px[half:] < thr_px)
+        return float(judged.float().mean())
+
     def metrics(self) -> dict[str, float]:
         """memorization_rate (either space), its feature- and pixel-space parts, and the median
         sample-to-train distance over the held-out one (about 1 without copying, << 1 with)."""
