@@ -68,12 +68,18 @@ class DiffusionConfig:
 
 @dataclass
 class GanConfig:
-    adv_weight: float = 0.1                   # L_G = L_diff + adv_weight * L_adv
+    adv_weight: float = 0.1                   # L_G = L_diff + adv_weight * L_adv; 0 = pure diffusion, D untrained
     # Fakes only from x0_hat where t <= adv_t_max: large-t reconstructions are blurry means that D
     # tells apart at once and then overpowers G. benchmarks/quality.py (PneumoniaMNIST, seed 0): at
     # 400 the hybrid lost to pure diffusion (FID 8.4 vs 3.9 at DDIM 10), at 100 it won (2.9), and
     # won on 2 of 3 seeds; see benchmarks/RESULTS.md.
     adv_t_max: int = 100
+    # G ignores D for its first adv_warmup_kimg (then the weight ramps linearly to adv_weight over as
+    # many kimg again), while D trains from step 0: G first learns to denoise, D starts ahead.
+    adv_warmup_kimg: float = 0.0
+    # D judges a clean image beside the noisy x_t it came from (and t): "is this a plausible x0 for
+    # this x_t?" rather than "is this a plausible image?" (DDGAN's conditional D, without its latent)
+    d_sees_xt: bool = False
     sigma: float = 0.05                       # instance-noise std for D's diffusion
     tau_dist: Literal["priority", "uniform"] = "priority"
     ada_target: float = 0.6
@@ -337,7 +343,8 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
 # written; their *current* defaults would rebuild a different model (an eps-predicting G read as
 # a v-predicting one samples garbage), so a missing key takes its old behaviour instead.
 LEGACY_DEFAULTS = {("model", "task"): "generate", ("model", "norm_conditioning"): False,
-                   ("diffusion", "prediction"): "eps", ("train", "lr_schedule"): "constant"}
+                   ("diffusion", "prediction"): "eps", ("train", "lr_schedule"): "constant",
+                   ("gan", "adv_warmup_kimg"): 0.0, ("gan", "d_sees_xt"): False}
 
 
 def with_legacy_defaults(saved: dict) -> dict:

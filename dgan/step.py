@@ -150,8 +150,41 @@ def draw_timesteps(batch: int, num_steps: int, adv_t_max: int, device: torch.dev
     return torch.cat([low, high]), k
 
 
+@dataclass
+class DSide:
+    """What D sees beside each image, per block of its input: the context channels (the SR LR, and
+    with gan.d_sees_xt the x_t the image is judged against) and that x_t's step t; None = nothing."""
+    real: Optional[torch.Tensor] = None
+    fake: Optional[torch.Tensor] = None
+    t_real: Optional[torch.Tensor] = None
+    t_fake: Optional[torch.Tensor] = None
+
+
+def d_context(tr: Trainables, cfg: Config, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, k: int,
+              cond: Optional[torch.Tensor]) -> DSide:
+    """D's side inputs for the B reals and the k fakes (the first k samples).
+
+    gan.d_sees_xt: a fake x0_hat is judged beside the x_t that G denoised, at its t. Why: alone, a
+    slightly blurred x0_hat from t <= adv_t_max is nearly a real image, so D stays at chance and G
+    fools it with perturbations that carry no signal. Beside x_t, D can ask whether the image explains
+    x_t as a real one does (the residual x_t - sqrt(abar) x0 of a real pair is white noise). The reals
+    get their own x_t from a fresh t <= adv_t_max (not G's t, which is mostly > adv_t_max), so both
+    classes share one t law and t alone tells D nothing.
+    """
+    side = DSide(real=cond, fake=None if cond is None else cond[:k])
+    if not cfg.gan.d_sees_xt:
+        return side
+    B = x0.shape[0]
+    side.t_real = torch.randint(0, cfg.gan.adv_t_max + 1, (B,), device=x0.device)
+    x_t_real = tr.diffusion.q_sample(x0, side.t_real, torch.randn_like(x0))
+    side.t_fake = t[:k]
+    side.real = x_t_real if cond is None else torch.cat([x_t_real, cond], dim=1)
+    side.fake = x_t[:k] if cond is None else torch.cat([x_t[:k], cond[:k]], dim=1)
+    return side
+
+
 def d_backward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor,
-               tau: torch.Tensor, y_d: Optional[torch.Tensor], cond: Optional[torch.Tensor],
+               tau: torch.Tensor, y_d: Optional[torch.Tensor], side: DSide,
                *, do_r1: bool, sync: bool, loss_scale: float) -> dict[str, torch.Tensor]:
     """D's forward/backward on the B diffused reals and the k (detached) fakes, which are the first
     k samples, plus lazy R1 on clean reals, in one DDP forward; feeds r_d to the adaptive-T
@@ -165,15 +198,18 @@ def d_backward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_real: torch.Tens
     amp = autocast_for(cfg.train.precision, dev)
     tr.D_raw.requires_grad_(True)
     parts = [slice(None), slice(0, k)]  # which samples each stacked block of D's input belongs to
-    d_in, d_tau = [y_real, y_fake], [tau, tau[:k]]
+    d_in, d_tau, d_side, d_t = [y_real, y_fake], [tau, tau[:k]], [side.real, side.fake], [side.t_real, side.t_fake]
     if do_r1:
         x_r1 = x0.detach().requires_grad_(True)
         parts.append(slice(None))
         d_in.append(x_r1)
         d_tau.append(torch.zeros_like(tau))
-    x_in = torch.cat([with_cond(x, None if cond is None else cond[p]) for x, p in zip(d_in, parts)])
+        d_side.append(side.real)
+        d_t.append(side.t_real)
+    x_in = torch.cat([with_cond(x, c) for x, c in zip(d_in, d_side)])
+    t_in = None if side.t_real is None else torch.cat(d_t)
     with dist.ddp_sync(tr.D, sync), amp:
-        logits = tr.D(x_in, torch.cat(d_tau), None if y_d is None else torch.cat([y_d[p] for p in parts]))
+        logits = tr.D(x_in, torch.cat(d_tau), None if y_d is None else torch.cat([y_d[p] for p in parts]), t_in)
     logits = logits.float()
     real_logits, fake_logits = logits[:B], logits[B:B + k]
     L_D = d_loss(real_logits, fake_logits)
@@ -192,8 +228,18 @@ def d_backward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_real: torch.Tens
     return {"L_D": L_D.detach(), "L_r1": L_r1.detach(), "D_real": real_logits.detach().mean(), "D_fake": d_fake}
 
 
+def adv_gain(cfg: Config, step: int) -> float:
+    """The share of gan.adv_weight that G gets at this step (a host number, from the step count):
+    0 for the first adv_warmup_kimg, then a linear ramp to 1 over as many kimg again."""
+    warmup = cfg.gan.adv_warmup_kimg * 1000
+    if warmup <= 0:
+        return 1.0
+    images = step * global_batch_size(cfg)
+    return min(1.0, max(0.0, images / warmup - 1.0))
+
+
 def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.Tensor],
-               *, do_r1: bool, sync: bool, loss_scale: float) -> dict[str, torch.Tensor]:
+               *, do_r1: bool, sync: bool, loss_scale: float, gain: float = 1.0) -> dict[str, torch.Tensor]:
     """Forward/backward for one micro-batch; gradients accumulate in .grad."""
     g, dev = cfg.gan, x0.device
     amp = autocast_for(cfg.train.precision, dev)
@@ -228,7 +274,8 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     y_fake = diffuse(x0_hat, tau[:k], tr.diffusion.alpha_bar, g.sigma)
 
     # -- Phase 3: D on real and detached fake (+ lazy R1 on clean reals), one DDP forward ---
-    d_out = d_backward(tr, cfg, x0, y_real, y_fake.detach(), tau, y_d, cond, do_r1=do_r1, sync=sync,
+    side = d_context(tr, cfg, x0, x_t, t, k, cond)
+    d_out = d_backward(tr, cfg, x0, y_real, y_fake.detach(), tau, y_d, side, do_r1=do_r1, sync=sync,
                        loss_scale=loss_scale)
 
     # -- Phase 4: G step with D frozen ------------------------------------------------------
@@ -238,11 +285,11 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     if k > 0:  # a host number: no sync
         tr.D_raw.requires_grad_(False)
         with amp:
-            fake_logits_g = tr.D_raw(with_cond(y_fake, None if cond is None else cond[:k]), tau[:k],
-                                     None if y_d is None else y_d[:k]).float()
+            fake_logits_g = tr.D_raw(with_cond(y_fake, side.fake), tau[:k],
+                                     None if y_d is None else y_d[:k], side.t_fake).float()
         L_adv = g_adv_loss(fake_logits_g)
         tr.D_raw.requires_grad_(True)
-    tr.scaler_g.scale((L_diff + g.adv_weight * L_adv) * loss_scale).backward()
+    tr.scaler_g.scale((L_diff + gain * g.adv_weight * L_adv) * loss_scale).backward()
     return {"L_diff": L_diff.detach(), "L_adv": L_adv.detach(), **d_out}
 
 
@@ -256,7 +303,8 @@ def train_step(tr: Trainables, cfg: Config, micro_batches: list[tuple[torch.Tens
     sums: dict[str, torch.Tensor] = {}
     for i, (x0, y) in enumerate(micro_batches):
         # Only the last micro-batch all-reduces gradients (no_sync on the others).
-        out = micro_step(tr, cfg, x0, y, do_r1=do_r1, sync=(i == n - 1), loss_scale=1.0 / n)
+        out = micro_step(tr, cfg, x0, y, do_r1=do_r1, sync=(i == n - 1), loss_scale=1.0 / n,
+                         gain=adv_gain(cfg, step))
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v / n
     gn_d, inf_d = unscale_and_clip(tr.opt_d, tr.scaler_d, list(tr.D_raw.parameters()), cfg.train.grad_clip_d)

@@ -47,7 +47,8 @@ from dgan.progress import Progress
 # Architecture keys that must match for a checkpoint's weights to load.
 ARCH_KEYS = ["model.encoder", "model.encoder_depth", "model.decoder_channels", "model.channels",
              "model.num_classes", "model.time_dim", "model.d_channels", "model.d_layers", "model.norm",
-             "model.task", "model.norm_conditioning", "diffusion.num_steps", "diffusion.prediction"]
+             "model.task", "model.norm_conditioning", "diffusion.num_steps", "diffusion.prediction",
+             "gan.d_sees_xt"]
 PROGRESS_KEYS = ["kimg", "img/s", "L_diff", "L_adv", "L_D", "r_d", "T_adapt", "d_guard/events"]
 
 
@@ -65,10 +66,11 @@ def build_data(cfg: Config):
 def build_models(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     m = cfg.model
     G = Generator.from_config(m)
-    # task=sr: D also sees the upsampled LR (see step.with_cond for why)
+    # task=sr: D also sees the upsampled LR; gan.d_sees_xt: the noisy x_t (see step.d_context for why)
+    pair = cfg.gan.d_sees_xt
     D = PatchDiscriminator(channels=m.channels, base_channels=m.d_channels, num_layers=m.d_layers,
-                           time_dim=m.time_dim, num_classes=m.num_classes,
-                           num_steps=cfg.diffusion.num_steps, in_channels=m.channels + m.cond_channels)
+                           time_dim=m.time_dim, num_classes=m.num_classes, num_steps=cfg.diffusion.num_steps,
+                           in_channels=m.channels * (2 if pair else 1) + m.cond_channels, condition_on_t=pair)
     G, D = G.to(device), D.to(device)
     if m.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)

@@ -64,6 +64,7 @@ def test_image_size_not_divisible_suggests_sizes():
     ("gan.t_max=1000", "gan.t_max"), ("train.keep_last=0", "train.keep_last"),
     ("model.channels=2", "model.channels"), ("data.source=npz", "data.path"),
     ("gan.adv_weight=-1", "gan.adv_weight"), ("data.hflip_p=1.5", "data.hflip_p"),
+    ("gan.adv_warmup_kimg=-1", "gan.adv_warmup_kimg"),
 ])
 def test_impossible_values_fail_at_load(override, key):
     with pytest.raises(ConfigError, match=key):

@@ -7,7 +7,7 @@ import torch
 import dgan.step as step_mod
 from dgan.config import load_config
 from dgan.losses import diffusion_loss
-from dgan.step import draw_timesteps, micro_step, train_step
+from dgan.step import adv_gain, draw_timesteps, micro_step, train_step
 from dgan.trainer import build_trainables
 
 
@@ -48,14 +48,15 @@ def test_adv_weight_zero_gives_pure_diffusion_gradients(tiny_overrides):
 
 def test_adversarial_term_changes_g_but_g_step_gives_d_no_gradient(tiny_overrides):
     out = {}
-    for w in (0.0, 1.0):
+    for w in (0.5, 1.0):
         cfg, tr = make(tiny_overrides, f"gan.adv_weight={w}", "gan.adv_t_max=999")
         torch.manual_seed(5)
         micro_step(tr, cfg, *batch(), do_r1=False, sync=True, loss_scale=1.0)
         out[w] = (grads(tr.G_raw), grads(tr.D_raw))
         assert all(p.requires_grad for p in tr.D_raw.parameters())  # unfrozen again afterwards
-    g0, d0 = out[0.0]
+    g0, d0 = out[0.5]
     g1, d1 = out[1.0]
+    assert len(d0) > 5
     # D's gradients come from L_D alone: identical whatever the adversarial weight on G
     for k in d0:
         torch.testing.assert_close(d0[k], d1[k], rtol=0, atol=0)
@@ -136,3 +137,22 @@ def test_mixed_precision_paths_run_and_update(tiny_overrides, precision):
     # fp16's first step may be skipped by the scaler's overflow check; bf16 must update
     if precision == "bf16":
         assert any(not torch.equal(a, b) for a, b in zip(before, tr.G_raw.parameters()))
+
+
+def test_adversarial_warmup_holds_g_off_then_ramps(tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["gan.adv_warmup_kimg=1", "train.batch_size=100"])
+    gains = [adv_gain(cfg, step) for step in (0, 10, 15, 20, 50)]  # 0, 1, 1.5, 2, 5 kimg seen
+    assert gains == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert adv_gain(load_config(None, tiny_overrides), 0) == 1.0  # no warm-up: the full term at once
+
+
+def test_d_sees_xt_judges_each_image_beside_its_x_t_and_t(tiny_overrides):
+    cfg, tr = make(tiny_overrides, "gan.d_sees_xt=true", "gan.adv_t_max=999", "gan.adv_weight=1.0")
+    assert tr.D_raw.convs[0].in_channels == 2  # the image and its x_t, channel-wise
+    torch.manual_seed(5)
+    m = micro_step(tr, cfg, *batch(), do_r1=True, sync=True, loss_scale=1.0)
+    assert float(m["L_adv"]) > 0 and torch.isfinite(m["L_D"])
+    d_grads = grads(tr.D_raw)
+    assert any(k.startswith("t_embed") for k in d_grads) and any(v.abs().max() > 0 for v in d_grads.values())
+    with pytest.raises(ValueError, match="condition_on_t"):
+        tr.D_raw(torch.zeros(2, 2, 32, 32), torch.zeros(2, dtype=torch.long))  # t is required

@@ -52,6 +52,7 @@ class PatchDiscriminator(nn.Module):
         num_classes: int = 0,
         num_steps: int = 1000,
         in_channels: int | None = None,
+        condition_on_t: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -71,6 +72,8 @@ class PatchDiscriminator(nn.Module):
             in_width = width
         self.head = nn.Conv2d(in_width, 1, _HEAD_KERNEL, 1, 1)
         self.tau_embed = TimeEmbedding(time_dim)
+        # the diffusion step t of the x_t that D sees beside the image (gan.d_sees_xt), if any
+        self.t_embed = TimeEmbedding(time_dim) if condition_on_t else None
         self.class_proj = None
         if num_classes > 0:
             self.class_proj = nn.Embedding(num_classes, in_width)
@@ -85,11 +88,16 @@ class PatchDiscriminator(nn.Module):
         # Same window/padding as the head conv so the maps line up patch for patch.
         return F.avg_pool2d(inner, _HEAD_KERNEL, stride=1, padding=1)
 
-    def forward(self, x: Tensor, tau: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, tau: Tensor, y: Tensor | None = None, t: Tensor | None = None) -> Tensor:
         # Rescale so the sinusoid sees the 0..1000 range it separates well,
         # whatever the number of noise steps.
-        tau_scaled = tau.to(torch.float32) * (_EMBED_STEPS / self.num_steps)
-        act = F.silu(self.tau_embed(tau_scaled))
+        scale = _EMBED_STEPS / self.num_steps
+        emb = self.tau_embed(tau.to(torch.float32) * scale)
+        if (t is None) != (self.t_embed is None):
+            raise ValueError("t must be given exactly when the discriminator was built with condition_on_t=True")
+        if self.t_embed is not None:
+            emb = emb + self.t_embed(t.to(torch.float32) * scale)
+        act = F.silu(emb)
         h = x
         for conv, norm, film in zip(self.convs, self.norms, self.film):
             gamma, beta = film(act)[:, :, None, None].chunk(2, dim=1)
