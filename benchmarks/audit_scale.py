@@ -45,6 +45,8 @@ def make_npz(src: Path, out: Path, n: int, seed: int = 0) -> None:
 
 
 def child(mode: str, npz: Path, extractor: Path) -> dict:
+    # Imported here, in the measured process, so that its peak counts its own imports: the `imports`
+    # row is this function with no work after them.
     import torch
 
     from dgan.audit import audit_scores

@@ -87,6 +87,8 @@ class GanConfig:
     ada_kimg: float = 100.0                   # kimg for p to travel 0 -> 1
     t_min: int = 10
     t_max: int = 999                          # the last index of a T=1000 schedule (paper: 1000)
+    # benchmarks/d_probe.py: at 0.05 (lazy, x r1_every) D learns nothing in 300 steps against a frozen G,
+    # with 0 it does; but in training a D that learns pushed G to noise (benchmarks/RESULTS.md). Kept.
     r1_gamma: float = 0.05
     r1_every: int = 16                        # lazy R1: every N D steps, weighted by gamma * N
     # D-health guard (dgan/dguard.py): at each log interval, a D whose mean L_D exceeds guard_max_loss

@@ -49,6 +49,10 @@ def load_reference(cfg, reference: str, max_images: Optional[int] = None) -> tup
 
     images, labels = build_eval_images(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
                                        split=reference_split(cfg, reference), max_images=max_images)
+    return _enough(images, labels, reference)
+
+
+def _enough(images: torch.Tensor, labels: torch.Tensor, reference: str) -> tuple[torch.Tensor, torch.Tensor]:
     if images.shape[0] < 2:
         raise EvalError(f"reference split {reference!r} has {images.shape[0]} image(s); FID/KID need at least 2")
     return images, labels
@@ -63,10 +67,7 @@ def load_reference_u8(cfg, reference: str, max_images: Optional[int] = None) -> 
                                                             channels=cfg.model.channels,
                                                             split=reference_split(cfg, reference),
                                                             max_images=max_images)]
-    images, labels = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
-    if images.shape[0] < 2:
-        raise EvalError(f"reference split {reference!r} has {images.shape[0]} image(s); FID/KID need at least 2")
-    return images, labels
+    return _enough(torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]), reference)
 
 
 def reference_cache_key(cfg, reference: str, images: torch.Tensor) -> str:

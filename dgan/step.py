@@ -165,9 +165,10 @@ def d_context(tr: Trainables, cfg: Config, x0: torch.Tensor, x_t: torch.Tensor, 
     """D's side inputs for the B reals and the k fakes (the first k samples).
 
     gan.d_sees_xt: a fake x0_hat is judged beside the x_t that G denoised, at its t. Why: alone, a
-    slightly blurred x0_hat from t <= adv_t_max is nearly a real image, so D stays at chance and G
-    fools it with perturbations that carry no signal. Beside x_t, D can ask whether the image explains
-    x_t as a real one does (the residual x_t - sqrt(abar) x0 of a real pair is white noise). The reals
+    slightly blurred x0_hat from t <= adv_t_max is nearly a real image; beside x_t, D can ask whether
+    the image explains x_t as a real one does (the residual x_t - sqrt(abar) x0 of a real pair is white
+    noise). Measured so far, it does not rescue a D held at chance by lazy R1 (benchmarks/RESULTS.md,
+    "The defect behind the coin flip"), which is why it is off by default. The reals
     get their own x_t from a fresh t <= adv_t_max (not G's t, which is mostly > adv_t_max), so both
     classes share one t law and t alone tells D nothing.
     """
@@ -301,10 +302,10 @@ def train_step(tr: Trainables, cfg: Config, micro_batches: list[tuple[torch.Tens
     tr.opt_d.zero_grad(set_to_none=True)
     n = len(micro_batches)
     sums: dict[str, torch.Tensor] = {}
+    gain = adv_gain(cfg, step)
     for i, (x0, y) in enumerate(micro_batches):
         # Only the last micro-batch all-reduces gradients (no_sync on the others).
-        out = micro_step(tr, cfg, x0, y, do_r1=do_r1, sync=(i == n - 1), loss_scale=1.0 / n,
-                         gain=adv_gain(cfg, step))
+        out = micro_step(tr, cfg, x0, y, do_r1=do_r1, sync=(i == n - 1), loss_scale=1.0 / n, gain=gain)
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v / n
     gn_d, inf_d = unscale_and_clip(tr.opt_d, tr.scaler_d, list(tr.D_raw.parameters()), cfg.train.grad_clip_d)
