@@ -80,6 +80,9 @@ class GanConfig:
     # D judges a clean image beside the noisy x_t it came from (and t): "is this a plausible x0 for
     # this x_t?" rather than "is this a plausible image?" (DDGAN's conditional D, without its latent)
     d_sees_xt: bool = False
+    # true: adv_weight is no loss weight but a ratio: on each fake, the adversarial gradient at G's output
+    # is rescaled to adv_weight x the norm of that sample's diffusion-loss gradient (losses.balanced_adv_surrogate)
+    adv_balance: bool = False
     sigma: float = 0.05                       # instance-noise std for D's diffusion
     tau_dist: Literal["priority", "uniform"] = "priority"
     ada_target: float = 0.6
@@ -346,7 +349,8 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
 # a v-predicting one samples garbage), so a missing key takes its old behaviour instead.
 LEGACY_DEFAULTS = {("model", "task"): "generate", ("model", "norm_conditioning"): False,
                    ("diffusion", "prediction"): "eps", ("train", "lr_schedule"): "constant",
-                   ("gan", "adv_warmup_kimg"): 0.0, ("gan", "d_sees_xt"): False}
+                   ("gan", "adv_warmup_kimg"): 0.0, ("gan", "d_sees_xt"): False,
+                   ("gan", "adv_balance"): False}
 
 
 def with_legacy_defaults(saved: dict) -> dict:

@@ -68,6 +68,37 @@ def g_adv_loss(fake_logits: Tensor, weight: Optional[Tensor] = None) -> Tensor:
     return _masked_mean(lambda z: F.softplus(-z), fake_logits, weight)
 
 
+# Scale-free: the surrogate's gradient is ratio * |g_diff| * g_adv / |g_adv|, the same whatever g_adv is
+# multiplied by. The factor lifts the adversarial gradient, which crosses D in reduced precision under
+# fp16 autocast without the GradScaler's help, clear of fp16 underflow.
+_ADV_GRAD_LIFT = 1024.0
+
+
+def balanced_adv_surrogate(out: Tensor, L_diff: Tensor, L_adv: Tensor, k: int, ratio: float) -> Tensor:
+    """A term whose gradient w.r.t. G's output is, on each of the first ``k`` samples (the fakes),
+    D's gradient rescaled to ``ratio`` times the norm of that sample's diffusion-loss gradient.
+
+    Why (gan.adv_balance): with a fixed weight, a D that learns pushed G's output towards texture
+    with as much force as it liked and ruined the samples; a D held at chance made the term noise
+    (benchmarks/RESULTS.md, "The defect behind the coin flip"). Bounded per fake, the adversarial
+    push can tilt G's prediction by at most a fraction of what the diffusion loss pulls, whatever
+    D's logits do, so D may be allowed to learn. (VQGAN balances the two at G's last layer; at
+    G's output the balance is per sample, needs no access to G's layers and costs no G backward.)
+
+    Both gradients are taken w.r.t. ``out`` only (a non-leaf: no parameter gradient, no DDP
+    reducer involved); ``L_adv``'s graph is freed, ``L_diff``'s is kept for the caller's backward.
+    """
+    if k == 0:  # no fake in this batch (a host number: no sync)
+        return out.sum() * 0.0
+    (g_diff,) = torch.autograd.grad(L_diff, out, retain_graph=True)
+    (g_adv,) = torch.autograd.grad(L_adv * _ADV_GRAD_LIFT, out)
+    g_diff, g_adv = g_diff[:k], g_adv[:k]
+    norm_diff = g_diff.reshape(k, -1).norm(dim=1)
+    norm_adv = g_adv.reshape(k, -1).norm(dim=1).clamp_min(1e-30)
+    scale = (ratio * norm_diff / norm_adv).view(k, *([1] * (out.dim() - 1)))
+    return (out[:k] * (scale * g_adv).detach()).sum()
+
+
 def r1_penalty(real_logits: Tensor, real_inputs: Tensor) -> Tensor:
     """R1 gradient penalty ``mean_over_batch ||d sum(D(x)) / dx||^2`` on real inputs.
 

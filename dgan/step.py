@@ -27,7 +27,7 @@ from dgan.adaptive import AdaptiveT, diffuse, sample_tau
 from dgan.config import Config
 from dgan.diffusion import Diffusion
 from dgan.generation import sr_condition
-from dgan.losses import d_loss, diffusion_loss, g_adv_loss, r1_penalty
+from dgan.losses import balanced_adv_surrogate, d_loss, diffusion_loss, g_adv_loss, r1_penalty
 
 
 @dataclass
@@ -290,7 +290,11 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
                                      None if y_d is None else y_d[:k], side.t_fake).float()
         L_adv = g_adv_loss(fake_logits_g)
         tr.D_raw.requires_grad_(True)
-    tr.scaler_g.scale((L_diff + gain * g.adv_weight * L_adv) * loss_scale).backward()
+    if g.adv_balance:
+        adv_term = balanced_adv_surrogate(out, L_diff, L_adv, k, gain * g.adv_weight)
+    else:
+        adv_term = gain * g.adv_weight * L_adv
+    tr.scaler_g.scale((L_diff + adv_term) * loss_scale).backward()
     return {"L_diff": L_diff.detach(), "L_adv": L_adv.detach(), **d_out}
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dgan.losses import d_loss, diffusion_loss, g_adv_loss, r1_penalty
+from dgan.losses import balanced_adv_surrogate, d_loss, diffusion_loss, g_adv_loss, r1_penalty
 
 LOG2 = math.log(2.0)
 
@@ -127,3 +127,33 @@ def test_masked_losses_make_no_host_sync() -> None:
         loss = g_adv_loss(fake, weight) + d_loss(fake.detach(), fake, fake_weight=weight)
         loss = loss + diffusion_loss(fake, torch.zeros_like(fake))
     assert loss.requires_grad
+
+
+def _balance_case(adv_factor: float = 1.0):
+    """G's output for 6 samples (the first 3 are fakes), its diffusion loss and a D-like loss."""
+    torch.manual_seed(0)
+    out = torch.randn(6, 1, 4, 4, requires_grad=True) * 2
+    L_diff = diffusion_loss(out, torch.randn(6, 1, 4, 4))
+    L_adv = adv_factor * g_adv_loss(out[:3].pow(2).mean(dim=(1, 2, 3)) - out[:3].mean(dim=(1, 2, 3)))
+    return out, L_diff, L_adv
+
+
+def test_balanced_adversarial_gradient_is_a_fixed_share_of_each_fakes_diffusion_gradient() -> None:
+    out, L_diff, L_adv = _balance_case()
+    (g_diff,) = torch.autograd.grad(L_diff, out, retain_graph=True)
+    (g_adv,) = torch.autograd.grad(L_adv, out, retain_graph=True)
+    (g,) = torch.autograd.grad(balanced_adv_surrogate(out, L_diff, L_adv, 3, 0.1), out)
+    ratio = g[:3].flatten(1).norm(dim=1) / g_diff[:3].flatten(1).norm(dim=1)
+    assert torch.allclose(ratio, torch.full((3,), 0.1), rtol=1e-4)
+    assert g[3:].abs().max() == 0  # the samples that made no fake get no adversarial push
+    # its direction is D's, and a D whose gradient is 1000x larger pushes no harder
+    assert F.cosine_similarity(g[:3].flatten(1), g_adv[:3].flatten(1)).min() > 0.9999
+    out2, L_diff2, L_adv2 = _balance_case(adv_factor=1000.0)
+    (g2,) = torch.autograd.grad(balanced_adv_surrogate(out2, L_diff2, L_adv2, 3, 0.1), out2)
+    assert torch.allclose(g2, g, rtol=1e-4, atol=1e-9)
+
+
+def test_balanced_adversarial_term_without_fakes_is_zero_but_differentiable() -> None:
+    out, L_diff, _ = _balance_case()
+    term = balanced_adv_surrogate(out, L_diff, torch.zeros(()), 0, 0.1)
+    assert term.item() == 0 and term.requires_grad

@@ -146,6 +146,16 @@ def test_adversarial_warmup_holds_g_off_then_ramps(tiny_overrides):
     assert adv_gain(load_config(None, tiny_overrides), 0) == 1.0  # no warm-up: the full term at once
 
 
+def test_balanced_adversarial_step_trains_both_players(tiny_overrides):
+    cfg, tr = make(tiny_overrides, "gan.adv_balance=true", "gan.adv_t_max=999", "gan.adv_weight=0.1")
+    torch.manual_seed(5)
+    m = micro_step(tr, cfg, *batch(), do_r1=False, sync=True, loss_scale=1.0)
+    assert float(m["L_adv"]) > 0 and torch.isfinite(m["L_D"])
+    for module in (tr.G_raw, tr.D_raw):
+        g = grads(module)
+        assert g and all(torch.isfinite(v).all() for v in g.values()) and any(v.abs().max() > 0 for v in g.values())
+
+
 def test_d_sees_xt_judges_each_image_beside_its_x_t_and_t(tiny_overrides):
     cfg, tr = make(tiny_overrides, "gan.d_sees_xt=true", "gan.adv_t_max=999", "gan.adv_weight=1.0")
     assert tr.D_raw.convs[0].in_channels == 2  # the image and its x_t, channel-wise
