@@ -54,7 +54,7 @@ def main() -> None:
         y_real = diffuse(x0, tau, tr.diffusion.alpha_bar, g.sigma)
         y_fake = diffuse(x0_hat, tau[:k], tr.diffusion.alpha_bar, g.sigma)
         tr.opt_d.zero_grad(set_to_none=True)
-        m = d_backward(tr, cfg, x0, y_real, y_fake, tau, None, d_context(tr, cfg, x0, x_t, t, k, None),
+        m = d_backward(tr, cfg, x0, y_real, y_fake, tau, None, d_context(tr, cfg, x0, x_t[:k], t[:k], None),
                        do_r1=g.r1_gamma > 0 and step % g.r1_every == 0, sync=True, loss_scale=1.0)
         tr.opt_d.step()
         if step % 25 == 0 or step == args.steps - 1:

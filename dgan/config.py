@@ -83,6 +83,13 @@ class GanConfig:
     # true: adv_weight is no loss weight but a ratio: on each fake, the adversarial gradient at G's output
     # is rescaled to adv_weight x the norm of that sample's diffusion-loss gradient (losses.balanced_adv_surrogate)
     adv_balance: bool = False
+    # What D judges as fake. recon: x0_hat of the batch's own diffusion samples with t <= adv_t_max (nearly
+    # the reals: a D learns little from them). samples: G's own samples, run by a no-grad DDIM chain
+    # (self_fake_steps, the sampler's grid) from pure noise down to one t <= adv_t_max, whose last x0
+    # prediction is made in G's training forward, so D's gradient reaches G there (step.self_sampled_xt)
+    fakes: Literal["recon", "samples"] = "recon"
+    self_fakes: int = 8                       # fakes=samples: G's own samples per micro-batch
+    self_fake_steps: int = 4                  # fakes=samples: the DDIM grid of their chain
     sigma: float = 0.05                       # instance-noise std for D's diffusion
     tau_dist: Literal["priority", "uniform"] = "priority"
     ada_target: float = 0.6
@@ -350,7 +357,8 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
 LEGACY_DEFAULTS = {("model", "task"): "generate", ("model", "norm_conditioning"): False,
                    ("diffusion", "prediction"): "eps", ("train", "lr_schedule"): "constant",
                    ("gan", "adv_warmup_kimg"): 0.0, ("gan", "d_sees_xt"): False,
-                   ("gan", "adv_balance"): False}
+                   ("gan", "adv_balance"): False,
+                   ("gan", "fakes"): "recon"}
 
 
 def with_legacy_defaults(saved: dict) -> dict:

@@ -74,9 +74,12 @@ def g_adv_loss(fake_logits: Tensor, weight: Optional[Tensor] = None) -> Tensor:
 _ADV_GRAD_LIFT = 1024.0
 
 
-def balanced_adv_surrogate(out: Tensor, L_diff: Tensor, L_adv: Tensor, k: int, ratio: float) -> Tensor:
-    """A term whose gradient w.r.t. G's output is, on each of the first ``k`` samples (the fakes),
-    D's gradient rescaled to ``ratio`` times the norm of that sample's diffusion-loss gradient.
+def balanced_adv_surrogate(out: Tensor, L_diff: Tensor, L_adv: Tensor, fakes: slice, ratio: float,
+                           *, own_reference: bool = True) -> Tensor:
+    """A term whose gradient w.r.t. G's output is, on each fake (the rows ``fakes`` of ``out``),
+    D's gradient rescaled to ``ratio`` times a diffusion-loss gradient norm: that fake's own
+    (``own_reference``, a fake made from a diffusion sample of the batch), or else the mean over
+    the rows that have one (a fake from G's own sampler has no diffusion target).
 
     Why (gan.adv_balance): with a fixed weight, a D that learns pushed G's output towards texture
     with as much force as it liked and ruined the samples; a D held at chance made the term noise
@@ -88,15 +91,21 @@ def balanced_adv_surrogate(out: Tensor, L_diff: Tensor, L_adv: Tensor, k: int, r
     Both gradients are taken w.r.t. ``out`` only (a non-leaf: no parameter gradient, no DDP
     reducer involved); ``L_adv``'s graph is freed, ``L_diff``'s is kept for the caller's backward.
     """
+    k = len(range(*fakes.indices(out.shape[0])))
     if k == 0:  # no fake in this batch (a host number: no sync)
         return out.sum() * 0.0
     (g_diff,) = torch.autograd.grad(L_diff, out, retain_graph=True)
     (g_adv,) = torch.autograd.grad(L_adv * _ADV_GRAD_LIFT, out)
-    g_diff, g_adv = g_diff[:k], g_adv[:k]
-    norm_diff = g_diff.reshape(k, -1).norm(dim=1)
+    norm_diff = g_diff.reshape(out.shape[0], -1).norm(dim=1)
+    if own_reference:
+        reference = norm_diff[fakes]
+    else:  # the rows with a diffusion target; counted on device, no boolean indexing (a host sync)
+        has_target = (norm_diff > 0).to(norm_diff.dtype)
+        reference = (norm_diff.sum() / has_target.sum().clamp_min(1.0)).expand(k)
+    g_adv = g_adv[fakes]
     norm_adv = g_adv.reshape(k, -1).norm(dim=1).clamp_min(1e-30)
-    scale = (ratio * norm_diff / norm_adv).view(k, *([1] * (out.dim() - 1)))
-    return (out[:k] * (scale * g_adv).detach()).sum()
+    scale = (ratio * reference / norm_adv).view(k, *([1] * (out.dim() - 1)))
+    return (out[fakes] * (scale * g_adv).detach()).sum()
 
 
 def r1_penalty(real_logits: Tensor, real_inputs: Tensor) -> Tensor:

@@ -1,10 +1,12 @@
 """One Diffusion-GAN hybrid training step (DESIGN.md, "One training step").
 
 Per micro-batch: ONE generator forward gives G's output (the diffusion loss) and, through
-x0_hat, the fake images: only samples with t <= adv_t_max make one, and the timesteps are drawn
-with those k samples first (draw_timesteps), so D runs on the k fakes rather than on all B under a
-mask. D learns on diffused real vs diffused (detached) fake; G learns from
-L_diff + adv_weight * L_adv with D frozen. Then both optimizers step.
+x0_hat, the fake images. With gan.fakes=recon only samples with t <= adv_t_max make one, and the
+timesteps are drawn with those k samples first (draw_timesteps), so D runs on the k fakes rather
+than on all B under a mask; with gan.fakes=samples the fakes are G's own samples, whose x_t (from a
+no-grad DDIM chain) ride along in the same forward. D learns on diffused real vs diffused
+(detached) fake; G learns from L_diff + adv_weight * L_adv with D frozen (or, with
+gan.adv_balance, an adversarial gradient bounded per fake). Then both optimizers step.
 
 Both players see the same D weights within a step (simultaneous updates). We do this on
 purpose: with gradient accumulation, an alternating D-then-G update would have to keep every
@@ -160,9 +162,10 @@ class DSide:
     t_fake: Optional[torch.Tensor] = None
 
 
-def d_context(tr: Trainables, cfg: Config, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, k: int,
+def d_context(tr: Trainables, cfg: Config, x0: torch.Tensor, x_t_fake: torch.Tensor, t_fake: torch.Tensor,
               cond: Optional[torch.Tensor]) -> DSide:
-    """D's side inputs for the B reals and the k fakes (the first k samples).
+    """D's side inputs for the B reals and the k fakes (made from x_t_fake at t_fake; the SR condition
+    of a fake is that of the batch's sample in the same row).
 
     gan.d_sees_xt: a fake x0_hat is judged beside the x_t that G denoised, at its t. Why: alone, a
     slightly blurred x0_hat from t <= adv_t_max is nearly a real image; beside x_t, D can ask whether
@@ -172,15 +175,16 @@ def d_context(tr: Trainables, cfg: Config, x0: torch.Tensor, x_t: torch.Tensor, 
     get their own x_t from a fresh t <= adv_t_max (not G's t, which is mostly > adv_t_max), so both
     classes share one t law and t alone tells D nothing.
     """
+    k = x_t_fake.shape[0]
     side = DSide(real=cond, fake=None if cond is None else cond[:k])
     if not cfg.gan.d_sees_xt:
         return side
     B = x0.shape[0]
     side.t_real = torch.randint(0, cfg.gan.adv_t_max + 1, (B,), device=x0.device)
     x_t_real = tr.diffusion.q_sample(x0, side.t_real, torch.randn_like(x0))
-    side.t_fake = t[:k]
+    side.t_fake = t_fake
     side.real = x_t_real if cond is None else torch.cat([x_t_real, cond], dim=1)
-    side.fake = x_t[:k] if cond is None else torch.cat([x_t[:k], cond[:k]], dim=1)
+    side.fake = x_t_fake if cond is None else torch.cat([x_t_fake, cond[:k]], dim=1)
     return side
 
 
@@ -239,6 +243,72 @@ def adv_gain(cfg: Config, step: int) -> float:
     return min(1.0, max(0.0, images / warmup - 1.0))
 
 
+def self_sampled_xt(tr: Trainables, cfg: Config, k: int, y: Optional[torch.Tensor], cond: Optional[torch.Tensor],
+                    like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, t) of k of G's own samples at one t <= adv_t_max (gan.fakes=samples): DDIM, no grad, from
+    pure noise over the points of the sampler's self_fake_steps grid above t, then a jump to t.
+
+    Why: the recon fakes are x0_hat of *real* x_t at low t, nearly the reals, so D learns little and
+    never sees what goes wrong along a sampling chain (low contrast, wrong anatomy). A sample's last
+    x0 prediction, made with gradient in the training forward, is what the samplers output and what
+    D can learn to tell apart. t is one draw per micro-batch on the CPU generator (a host number, no
+    sync, checkpointed), uniform in [1, adv_t_max]; y and cond are the batch's first k rows.
+    """
+    t_last = int(torch.randint(1, cfg.gan.adv_t_max + 1, ()))
+    grid = [t for t in tr.diffusion.timesteps_for(cfg.gan.self_fake_steps).tolist() if t > t_last]
+    x = torch.randn((k, *like.shape[1:]), device=like.device, dtype=like.dtype)
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return tr.G_raw(x_t, t, y, cond).float()
+
+    # The plain module, no grad: no DDP reducer is involved, and the chain costs only forwards.
+    with torch.no_grad(), autocast_for(cfg.train.precision, like.device):
+        for i, t in enumerate(grid):
+            x0, eps = tr.diffusion.denoise(model_fn, x, t, clip_x0=True)
+            x = tr.diffusion.ddim_step(x0, eps, t, grid[i + 1] if i + 1 < len(grid) else t_last)
+    return x.float(), torch.full((k,), t_last, dtype=torch.long, device=like.device)
+
+
+@dataclass
+class GOutput:
+    """Phase 1's result: G's output for the batch (and, with fakes=samples, for G's own samples after
+    it), the diffusion loss, and each fake's x0_hat with the x_t and t it came from."""
+    out: torch.Tensor
+    L_diff: torch.Tensor
+    x0_hat: torch.Tensor
+    x_t_fake: torch.Tensor
+    t_fake: torch.Tensor
+    fakes: slice
+
+
+def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch.Tensor],
+              cond: Optional[torch.Tensor], *, sync: bool) -> GOutput:
+    """ONE G forward: the diffusion loss on the batch and the fakes' x0_hat (clamped to the data range)."""
+    g, dev, B = cfg.gan, x0.device, x0.shape[0]
+    # recon: the first k samples of the batch have t <= adv_t_max and make the fakes; samples: the
+    # fakes' x_t (G's own) ride along after the batch, so one DDP forward serves both losses.
+    t, k = draw_timesteps(B, tr.diffusion.num_steps, g.adv_t_max, dev)
+    eps = torch.randn_like(x0)
+    x_t = tr.diffusion.q_sample(x0, t, eps)
+    x_in, t_in, y_in, c_in = x_t, t, y_g, cond
+    samples = g.fakes == "samples" and g.adv_weight > 0
+    if samples:
+        k = min(g.self_fakes, B)
+        y_s, c_s = (None if y_g is None else y_g[:k]), (None if cond is None else cond[:k])
+        x_s, t_s = self_sampled_xt(tr, cfg, k, y_s, c_s, x0)
+        x_in, t_in = torch.cat([x_t, x_s]), torch.cat([t, t_s])
+        y_in = None if y_g is None else torch.cat([y_g, y_s])
+        c_in = None if cond is None else torch.cat([cond, c_s])
+    with dist.ddp_sync(tr.G, sync), autocast_for(cfg.train.precision, dev):
+        out = tr.G(x_in, t_in, y_in, c_in).float()
+    L_diff = diffusion_loss(out[:B], tr.diffusion.training_target(x0, t, eps),
+                            tr.diffusion.loss_weight(t, cfg.diffusion.min_snr_gamma))
+    fakes = slice(B, B + k) if samples else slice(0, k)
+    x_t_fake, t_fake = x_in[fakes], t_in[fakes]
+    x0_hat = tr.diffusion.model_x0(x_t_fake, t_fake, out[fakes]).clamp(-1, 1)
+    return GOutput(out, L_diff, x0_hat, x_t_fake, t_fake, fakes)
+
+
 def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.Tensor],
                *, do_r1: bool, sync: bool, loss_scale: float, gain: float = 1.0) -> dict[str, torch.Tensor]:
     """Forward/backward for one micro-batch; gradients accumulate in .grad."""
@@ -252,50 +322,53 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     # trainer, DDP workers, benchmarks) keeps passing plain (x0, y) micro-batches.
     cond = sr_condition(x0, cfg.model.sr_scale) if cfg.model.task == "sr" else None
 
-    # -- Phase 1: one G forward -> diffusion loss, and the fakes x0_hat of the first k samples ----
+    # -- Phase 1: one G forward -> diffusion loss, and the fakes' x0_hat ----------------------
     # Large-t reconstructions are blurry means, not fakes: only t <= adv_t_max yields one.
-    t, k = draw_timesteps(B, tr.diffusion.num_steps, g.adv_t_max, dev)
-    eps = torch.randn_like(x0)
-    x_t = tr.diffusion.q_sample(x0, t, eps)
-    with dist.ddp_sync(tr.G, sync), amp:
-        out = tr.G(x_t, t, y_g, cond).float()
-    L_diff = diffusion_loss(out, tr.diffusion.training_target(x0, t, eps), tr.diffusion.loss_weight(t, cfg.diffusion.min_snr_gamma))
+    gen = g_forward(tr, cfg, x0, y_g, cond, sync=sync)
     if g.adv_weight == 0:
         # Pure diffusion: G never sees D, so training D would only cost time (and, with nothing
         # pushing back, it overfits and runs away). Skipping it also keeps G's random stream
         # independent of D's design, so a pure-diffusion arm is the same run whatever D is.
-        tr.scaler_g.scale(L_diff * loss_scale).backward()
+        tr.scaler_g.scale(gen.L_diff * loss_scale).backward()
         zero = torch.zeros((), device=dev)
-        return {"L_diff": L_diff.detach(), "L_adv": zero, "L_D": zero, "L_r1": zero, "D_real": zero, "D_fake": zero}
-    x0_hat = tr.diffusion.model_x0(x_t[:k], t[:k], out[:k]).clamp(-1, 1)
+        return {"L_diff": gen.L_diff.detach(), "L_adv": zero, "L_D": zero, "L_r1": zero, "D_real": zero,
+                "D_fake": zero}
+    k = gen.x0_hat.shape[0]
 
     # -- Phase 2: Diffusion-GAN instance noise on real and fake -----------------------------
     tau = sample_tau(B, tr.ada.t_adapt, t_max=g.t_max, dist=g.tau_dist, device=dev)
     y_real = diffuse(x0, tau, tr.diffusion.alpha_bar, g.sigma)
-    y_fake = diffuse(x0_hat, tau[:k], tr.diffusion.alpha_bar, g.sigma)
+    y_fake = diffuse(gen.x0_hat, tau[:k], tr.diffusion.alpha_bar, g.sigma)
 
     # -- Phase 3: D on real and detached fake (+ lazy R1 on clean reals), one DDP forward ---
-    side = d_context(tr, cfg, x0, x_t, t, k, cond)
+    side = d_context(tr, cfg, x0, gen.x_t_fake, gen.t_fake, cond)
     d_out = d_backward(tr, cfg, x0, y_real, y_fake.detach(), tau, y_d, side, do_r1=do_r1, sync=sync,
                        loss_scale=loss_scale)
 
     # -- Phase 4: G step with D frozen ------------------------------------------------------
-    # The raw module, not the DDP wrapper: D's gradients are not wanted here, so there must
-    # be no reducer waiting for them (and no wasted all-reduce).
-    L_adv = torch.zeros((), device=dev)
-    if k > 0:  # a host number: no sync
-        tr.D_raw.requires_grad_(False)
-        with amp:
-            fake_logits_g = tr.D_raw(with_cond(y_fake, side.fake), tau[:k],
-                                     None if y_d is None else y_d[:k], side.t_fake).float()
-        L_adv = g_adv_loss(fake_logits_g)
-        tr.D_raw.requires_grad_(True)
+    L_adv = g_adversarial(tr, y_fake, tau[:k], None if y_d is None else y_d[:k], side, amp)
     if g.adv_balance:
-        adv_term = balanced_adv_surrogate(out, L_diff, L_adv, k, gain * g.adv_weight)
+        adv_term = balanced_adv_surrogate(gen.out, gen.L_diff, L_adv, gen.fakes, gain * g.adv_weight,
+                                          own_reference=g.fakes == "recon")
     else:
         adv_term = gain * g.adv_weight * L_adv
-    tr.scaler_g.scale((L_diff + adv_term) * loss_scale).backward()
-    return {"L_diff": L_diff.detach(), "L_adv": L_adv.detach(), **d_out}
+    tr.scaler_g.scale((gen.L_diff + adv_term) * loss_scale).backward()
+    return {"L_diff": gen.L_diff.detach(), "L_adv": L_adv.detach(), **d_out}
+
+
+def g_adversarial(tr: Trainables, y_fake: torch.Tensor, tau: torch.Tensor, y_d: Optional[torch.Tensor],
+                  side: DSide, amp) -> torch.Tensor:
+    """G's non-saturating loss on its fakes, through the frozen D.
+
+    The raw module, not the DDP wrapper: D's gradients are not wanted here, so there must be no
+    reducer waiting for them (and no wasted all-reduce)."""
+    if y_fake.shape[0] == 0:  # a host number: no sync
+        return torch.zeros((), device=y_fake.device)
+    tr.D_raw.requires_grad_(False)
+    with amp:
+        logits = tr.D_raw(with_cond(y_fake, side.fake), tau, y_d, side.t_fake).float()
+    tr.D_raw.requires_grad_(True)
+    return g_adv_loss(logits)
 
 
 def train_step(tr: Trainables, cfg: Config, micro_batches: list[tuple[torch.Tensor, Optional[torch.Tensor]]],

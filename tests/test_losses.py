@@ -142,18 +142,32 @@ def test_balanced_adversarial_gradient_is_a_fixed_share_of_each_fakes_diffusion_
     out, L_diff, L_adv = _balance_case()
     (g_diff,) = torch.autograd.grad(L_diff, out, retain_graph=True)
     (g_adv,) = torch.autograd.grad(L_adv, out, retain_graph=True)
-    (g,) = torch.autograd.grad(balanced_adv_surrogate(out, L_diff, L_adv, 3, 0.1), out)
+    (g,) = torch.autograd.grad(balanced_adv_surrogate(out, L_diff, L_adv, slice(0, 3), 0.1), out)
     ratio = g[:3].flatten(1).norm(dim=1) / g_diff[:3].flatten(1).norm(dim=1)
     assert torch.allclose(ratio, torch.full((3,), 0.1), rtol=1e-4)
     assert g[3:].abs().max() == 0  # the samples that made no fake get no adversarial push
     # its direction is D's, and a D whose gradient is 1000x larger pushes no harder
     assert F.cosine_similarity(g[:3].flatten(1), g_adv[:3].flatten(1)).min() > 0.9999
     out2, L_diff2, L_adv2 = _balance_case(adv_factor=1000.0)
-    (g2,) = torch.autograd.grad(balanced_adv_surrogate(out2, L_diff2, L_adv2, 3, 0.1), out2)
+    (g2,) = torch.autograd.grad(balanced_adv_surrogate(out2, L_diff2, L_adv2, slice(0, 3), 0.1), out2)
     assert torch.allclose(g2, g, rtol=1e-4, atol=1e-9)
 
 
 def test_balanced_adversarial_term_without_fakes_is_zero_but_differentiable() -> None:
     out, L_diff, _ = _balance_case()
-    term = balanced_adv_surrogate(out, L_diff, torch.zeros(()), 0, 0.1)
+    term = balanced_adv_surrogate(out, L_diff, torch.zeros(()), slice(0, 0), 0.1)
     assert term.item() == 0 and term.requires_grad
+
+
+def test_balanced_fakes_without_a_diffusion_target_use_the_batch_mean() -> None:
+    """G's own samples (the last rows) have no diffusion target: their push is ratio x the mean
+    diffusion-gradient norm of the rows that do."""
+    torch.manual_seed(1)
+    out = torch.randn(5, 1, 4, 4, requires_grad=True) * 2
+    L_diff = diffusion_loss(out[:3], torch.randn(3, 1, 4, 4))
+    L_adv = g_adv_loss(out[3:].mean(dim=(1, 2, 3)))
+    (g_diff,) = torch.autograd.grad(L_diff, out, retain_graph=True)
+    (g,) = torch.autograd.grad(balanced_adv_surrogate(out, L_diff, L_adv, slice(3, 5), 0.2, own_reference=False), out)
+    mean_norm = g_diff[:3].flatten(1).norm(dim=1).mean()
+    assert torch.allclose(g[3:].flatten(1).norm(dim=1), 0.2 * mean_norm.expand(2), rtol=1e-4)
+    assert g[:3].abs().max() == 0

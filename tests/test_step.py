@@ -156,6 +156,25 @@ def test_balanced_adversarial_step_trains_both_players(tiny_overrides):
         assert g and all(torch.isfinite(v).all() for v in g.values()) and any(v.abs().max() > 0 for v in g.values())
 
 
+def test_self_sampled_fakes_come_from_gs_own_chain_and_train_g_through_their_last_step(tiny_overrides):
+    cfg, tr = make(tiny_overrides, "gan.fakes=samples", "gan.self_fakes=3", "gan.self_fake_steps=4",
+                   "gan.adv_t_max=100", "gan.adv_balance=true", "gan.d_sees_xt=true")
+    x0, y = batch()
+    calls = []
+    real_forward = tr.G_raw.forward
+    tr.G_raw.forward = lambda x, t, *a: calls.append((x.shape[0], t.tolist(), torch.is_grad_enabled())) or real_forward(x, t, *a)
+    torch.manual_seed(7)
+    m = micro_step(tr, cfg, x0, y, do_r1=False, sync=True, loss_scale=1.0)
+    chain, last = calls[:-1], calls[-1]
+    # the chain: 3 samples, no grad, down the grid points above the drawn t <= 100
+    assert chain and all(n == 3 and not grad for n, _, grad in chain)
+    assert [ts[0] for _, ts, _ in chain] == [t for t in [999, 562, 249, 62] if t > 100 or t > last[1][-1]]
+    # the training forward: the batch, then the 3 samples at one t <= 100, with grad
+    assert last[0] == x0.shape[0] + 3 and last[2] and len(set(last[1][-3:])) == 1 and 1 <= last[1][-1] <= 100
+    assert float(m["L_adv"]) > 0 and torch.isfinite(m["L_D"])
+    assert any(v.abs().max() > 0 for v in grads(tr.D_raw).values())
+
+
 def test_d_sees_xt_judges_each_image_beside_its_x_t_and_t(tiny_overrides):
     cfg, tr = make(tiny_overrides, "gan.d_sees_xt=true", "gan.adv_t_max=999", "gan.adv_weight=1.0")
     assert tr.D_raw.convs[0].in_channels == 2  # the image and its x_t, channel-wise
