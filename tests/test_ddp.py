@@ -67,13 +67,16 @@ def test_ranks_stay_identical_and_agree_to_stop(root, tmp_path):
     # adv_t_max pinned: "r_d != 0" below is a proxy for "the controller ran" that fails when the last
     # window's 64 patch signs happen to cancel; with the default (100) fakes are rarely kept in
     # 6 tiny steps, D's real logits hover at 0, and seed 0 lands on exactly that.
-    base = TINY_RUN + [f"data.cache_dir={root / '.cache'}", "gan.r1_every=2", "gan.ada_interval=2",
-                   "gan.ada_kimg=0.1", "gan.ada_target=0.0", "gan.adv_t_max=400"]
+    # R1 is off by default (gan.r1_gamma): switched on here so that its double backward runs under DDP
+    base = TINY_RUN + [f"data.cache_dir={root / '.cache'}", "gan.r1_every=2", "gan.r1_gamma=0.05",
+                   "gan.ada_interval=2", "gan.ada_kimg=0.1", "gan.ada_target=0.0", "gan.adv_t_max=400"]
     spec = {"plain": base,
             # accumulation (no_sync), BatchNorm buffers (broadcast per step) and channels_last inputs
             "accum": base + ["train.grad_accum=2", "model.norm=batch", "model.channels_last=true"],
             # a NaN image on rank 1 alone at step 2: all ranks skip that step, and only that one
-            "nan": base + ["poison_rank1_step=2"]}
+            "nan": base + ["poison_rank1_step=2"],
+            # G's own samples as D's fakes: a no-grad chain on the plain module, then one DDP forward
+            "samples": base + ["gan.fakes=samples", "gan.self_fakes=2", "gan.self_fake_steps=3"]}
     r = run(torchrun(2, str(REPO / "tests" / "ddp_worker.py"), str(tmp_path), "6", json.dumps(spec)))
     for name in spec:
         r0, r1 = (torch.load(tmp_path / f"{name}-rank{k}.pt", weights_only=True) for k in (0, 1))
@@ -112,7 +115,8 @@ def test_resume_is_exact(root, nproc):
     """
     # lr_decay_kimg: the split run's first half stops through a shorter total_kimg, which would
     # otherwise be a shorter cosine horizon; pinned, both runs follow the same lr curve.
-    common = ["gan.ada_interval=3", "gan.r1_every=4", "gan.ada_kimg=0.05", "train.lr_decay_kimg=0.08"]
+    common = ["gan.ada_interval=3", "gan.r1_every=4", "gan.r1_gamma=0.05", "gan.ada_kimg=0.05",
+              "train.lr_decay_kimg=0.08"]
     straight, split = f"straight{nproc}", f"split{nproc}"
     half = 40 // (4 * nproc)  # steps in 0.04 kimg at 4 images per rank
     run(train_cmd(nproc, root, f"log.run_name={straight}", "train.total_kimg=0.08", *common))
