@@ -1,7 +1,8 @@
 """Can D learn to tell G's fakes from reals at all? D alone, trained against a fixed, trained G.
 
-    python benchmarks/d_probe.py runs/hx2 --arm diffusion                      # the shipped D settings
-    python benchmarks/d_probe.py runs/hx2 --arm diffusion --set gan.r1_gamma=0 # one setting changed
+    python benchmarks/d_probe.py runs/hx2 --arm diffusion                           # the shipped D settings
+    python benchmarks/d_probe.py runs/hx2 --arm diffusion --set gan.r1_gamma=0.05 \
+        --set train.lr_d=2e-4                                                       # the D before adv_balance
 
 Loads G's EMA weights from a benchmarks/quality.py --out folder (its `ARM.pt` and `data.pt`), then
 trains a fresh D with the trainer's own D code (`step.d_context`, `step.d_backward`: instance noise,
