@@ -68,7 +68,9 @@ class DiffusionConfig:
 
 @dataclass
 class GanConfig:
-    adv_weight: float = 0.1                   # L_G = L_diff + adv_weight * L_adv; 0 = pure diffusion, D untrained
+    # The adversarial share: with adv_balance (default) a ratio of gradient norms per fake, else a loss
+    # weight (L_G = L_diff + adv_weight * L_adv); 0 = pure diffusion, D untrained
+    adv_weight: float = 0.1
     # Fakes only from x0_hat where t <= adv_t_max: large-t reconstructions are blurry means that D
     # tells apart at once and then overpowers G. benchmarks/quality.py (PneumoniaMNIST, seed 0): at
     # 400 the hybrid lost to pure diffusion (FID 8.4 vs 3.9 at DDIM 10), at 100 it won (2.9), and
@@ -83,7 +85,8 @@ class GanConfig:
     # true: adv_weight is no loss weight but a ratio: on each fake, the adversarial gradient at G's output
     # is rescaled to adv_weight x the norm of that sample's diffusion-loss gradient (losses.balanced_adv_surrogate).
     # With it D may learn (r1_gamma 0, lr_d 1e-3) without pushing G to texture: five seeds at 28 kimg in
-    # benchmarks/RESULTS.md ("A bounded adversarial push"). false: the plain weighted sum (old runs).
+    # benchmarks/RESULTS.md ("A bounded adversarial push"). false: the plain weighted sum, which with a
+    # D that learns ruined G; the old recipe is false with gan.r1_gamma=0.05 train.lr_d=2e-4.
     adv_balance: bool = True
     # What D judges as fake. recon: x0_hat of the batch's own diffusion samples with t <= adv_t_max (nearly
     # the reals: a D learns little from them). samples: G's own samples, run by a no-grad DDIM chain
@@ -139,7 +142,7 @@ class TrainConfig:
     batch_size: int = 32                      # per rank
     grad_accum: int = 1
     lr_g: float = 1e-3
-    lr_d: float = 1e-3                        # D sees ~B/10 fakes per step: at 2e-4 it stayed at chance
+    lr_d: float = 1e-3                        # with recon fakes D sees ~B/10 per step: at 2e-4 it stayed at chance
     betas_g: list[float] = field(default_factory=lambda: [0.9, 0.999])  # diffusion-model practice
     betas_d: list[float] = field(default_factory=lambda: [0.5, 0.999])  # GAN practice: short momentum for D
     warmup_kimg: float = 0.5
@@ -359,8 +362,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
 LEGACY_DEFAULTS = {("model", "task"): "generate", ("model", "norm_conditioning"): False,
                    ("diffusion", "prediction"): "eps", ("train", "lr_schedule"): "constant",
                    ("gan", "adv_warmup_kimg"): 0.0, ("gan", "d_sees_xt"): False,
-                   ("gan", "adv_balance"): False,
-                   ("gan", "fakes"): "recon"}
+                   ("gan", "adv_balance"): False}
 
 
 def with_legacy_defaults(saved: dict) -> dict:

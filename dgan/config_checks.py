@@ -68,8 +68,11 @@ def validate(cfg) -> None:
         _require_terminal_noise(d)
     _require(g.adv_weight >= 0, "gan.adv_weight", "must be >= 0 (0 = pure diffusion)")
     _require(g.adv_warmup_kimg >= 0, "gan.adv_warmup_kimg", "must be >= 0 (0 = the adversarial term from step 0)")
-    _require(g.self_fakes >= 1 and g.self_fake_steps >= 2, "gan.self_fakes",
-             "self_fakes must be >= 1 and self_fake_steps >= 2 (the chain's DDIM grid)")
+    _require(g.self_fakes >= 1, "gan.self_fakes", "must be >= 1 (G's own samples per micro-batch)")
+    _require(2 <= g.self_fake_steps <= d.num_steps, "gan.self_fake_steps",
+             f"must be in [2, diffusion.num_steps={d.num_steps}] (the DDIM grid of the fakes' chain)")
+    _require(g.fakes != "samples" or m.norm != "batch", "gan.fakes",
+             "samples needs model.norm=group: BatchNorm would learn its statistics from the fakes' chain")
     _require(0 <= g.adv_t_max < d.num_steps, "gan.adv_t_max", f"must be in [0, {d.num_steps - 1}]")
     _require(0 <= g.t_min <= g.t_max < d.num_steps, "gan.t_max",
              f"need 0 <= gan.t_min <= gan.t_max <= diffusion.num_steps - 1 ({d.num_steps - 1}): "

@@ -68,12 +68,6 @@ def g_adv_loss(fake_logits: Tensor, weight: Optional[Tensor] = None) -> Tensor:
     return _masked_mean(lambda z: F.softplus(-z), fake_logits, weight)
 
 
-# Scale-free: the surrogate's gradient is ratio * |g_diff| * g_adv / |g_adv|, the same whatever g_adv is
-# multiplied by. The factor lifts the adversarial gradient, which crosses D in reduced precision under
-# fp16 autocast without the GradScaler's help, clear of fp16 underflow.
-_ADV_GRAD_LIFT = 1024.0
-
-
 def balanced_adv_surrogate(out: Tensor, L_diff: Tensor, L_adv: Tensor, fakes: slice, ratio: float,
                            *, own_reference: bool = True) -> Tensor:
     """A term whose gradient w.r.t. G's output is, on each fake (the rows ``fakes`` of ``out``),
@@ -90,12 +84,15 @@ def balanced_adv_surrogate(out: Tensor, L_diff: Tensor, L_adv: Tensor, fakes: sl
 
     Both gradients are taken w.r.t. ``out`` only (a non-leaf: no parameter gradient, no DDP
     reducer involved); ``L_adv``'s graph is freed, ``L_diff``'s is kept for the caller's backward.
+    The result does not depend on ``L_adv``'s scale, so the caller passes it through its fp16
+    GradScaler: D's backward in half precision then neither underflows nor, on an overflow, hides
+    from the scaler (the inf becomes a NaN gradient, the step is skipped and the scale backs off).
     """
     k = len(range(*fakes.indices(out.shape[0])))
-    if k == 0:  # no fake in this batch (a host number: no sync)
-        return out.sum() * 0.0
+    if k == 0 or ratio == 0:  # no fake, or the warm-up's zero gain (host numbers: no sync)
+        return out.new_zeros(())
     (g_diff,) = torch.autograd.grad(L_diff, out, retain_graph=True)
-    (g_adv,) = torch.autograd.grad(L_adv * _ADV_GRAD_LIFT, out)
+    (g_adv,) = torch.autograd.grad(L_adv, out)
     norm_diff = g_diff.reshape(out.shape[0], -1).norm(dim=1)
     if own_reference:
         reference = norm_diff[fakes]

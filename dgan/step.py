@@ -191,9 +191,9 @@ def d_context(tr: Trainables, cfg: Config, x0: torch.Tensor, x_t_fake: torch.Ten
 def d_backward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor,
                tau: torch.Tensor, y_d: Optional[torch.Tensor], side: DSide,
                *, do_r1: bool, sync: bool, loss_scale: float) -> dict[str, torch.Tensor]:
-    """D's forward/backward on the B diffused reals and the k (detached) fakes, which are the first
-    k samples, plus lazy R1 on clean reals, in one DDP forward; feeds r_d to the adaptive-T
-    controller. Returns D's detached metrics.
+    """D's forward/backward on the B diffused reals and the k (detached) fakes, whose tau, y and
+    side inputs are rows 0..k-1 of the batch's, plus lazy R1 on clean reals, in one DDP forward;
+    feeds r_d to the adaptive-T controller. Returns D's detached metrics.
 
     L_D is D's classification loss alone (2 ln 2 at chance): what the D-health guard judges and the
     status line shows. The lazy R1 term (gamma x r1_every on one step in r1_every) has its own scale
@@ -252,16 +252,19 @@ def self_sampled_xt(tr: Trainables, cfg: Config, k: int, y: Optional[torch.Tenso
     never sees what goes wrong along a sampling chain (low contrast, wrong anatomy). A sample's last
     x0 prediction, made with gradient in the training forward, is what the samplers output and what
     D can learn to tell apart. t is one draw per micro-batch on the CPU generator (a host number, no
-    sync, checkpointed), uniform in [1, adv_t_max]; y and cond are the batch's first k rows.
+    sync, checkpointed), uniform in [0, adv_t_max] like the reals' t under d_sees_xt; y (the true
+    labels, not the dropped ones: D judges the rows by them) and cond are the batch's first k rows.
     """
-    t_last = int(torch.randint(1, cfg.gan.adv_t_max + 1, ()))
+    t_last = int(torch.randint(0, cfg.gan.adv_t_max + 1, ()))
     grid = [t for t in tr.diffusion.timesteps_for(cfg.gan.self_fake_steps).tolist() if t > t_last]
     x = torch.randn((k, *like.shape[1:]), device=like.device, dtype=like.dtype)
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return tr.G_raw(x_t, t, y, cond).float()
 
-    # The plain module, no grad: no DDP reducer is involved, and the chain costs only forwards.
+    # The plain module, no grad: no DDP reducer is involved, the chain costs only forwards (and
+    # runs uncompiled under model.compile). BatchNorm would learn its statistics from these small
+    # same-t batches, so config_checks refuses fakes=samples with model.norm=batch.
     with torch.no_grad(), autocast_for(cfg.train.precision, like.device):
         for i, t in enumerate(grid):
             x0, eps = tr.diffusion.denoise(model_fn, x, t, clip_x0=True)
@@ -281,7 +284,7 @@ class GOutput:
     fakes: slice
 
 
-def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch.Tensor],
+def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch.Tensor], y: Optional[torch.Tensor],
               cond: Optional[torch.Tensor], *, sync: bool) -> GOutput:
     """ONE G forward: the diffusion loss on the batch and the fakes' x0_hat (clamped to the data range)."""
     g, dev, B = cfg.gan, x0.device, x0.shape[0]
@@ -294,7 +297,7 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
     samples = g.fakes == "samples" and g.adv_weight > 0
     if samples:
         k = min(g.self_fakes, B)
-        y_s, c_s = (None if y_g is None else y_g[:k]), (None if cond is None else cond[:k])
+        y_s, c_s = (None if y is None else y[:k]), (None if cond is None else cond[:k])
         x_s, t_s = self_sampled_xt(tr, cfg, k, y_s, c_s, x0)
         x_in, t_in = torch.cat([x_t, x_s]), torch.cat([t, t_s])
         y_in = None if y_g is None else torch.cat([y_g, y_s])
@@ -324,7 +327,7 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
 
     # -- Phase 1: one G forward -> diffusion loss, and the fakes' x0_hat ----------------------
     # Large-t reconstructions are blurry means, not fakes: only t <= adv_t_max yields one.
-    gen = g_forward(tr, cfg, x0, y_g, cond, sync=sync)
+    gen = g_forward(tr, cfg, x0, y_g, y_d, cond, sync=sync)
     if g.adv_weight == 0:
         # Pure diffusion: G never sees D, so training D would only cost time (and, with nothing
         # pushing back, it overfits and runs away). Skipping it also keeps G's random stream
@@ -348,8 +351,8 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     # -- Phase 4: G step with D frozen ------------------------------------------------------
     L_adv = g_adversarial(tr, y_fake, tau[:k], None if y_d is None else y_d[:k], side, amp)
     if g.adv_balance:
-        adv_term = balanced_adv_surrogate(gen.out, gen.L_diff, L_adv, gen.fakes, gain * g.adv_weight,
-                                          own_reference=g.fakes == "recon")
+        adv_term = balanced_adv_surrogate(gen.out, gen.L_diff, tr.scaler_g.scale(L_adv), gen.fakes,
+                                          gain * g.adv_weight, own_reference=g.fakes == "recon")
     else:
         adv_term = gain * g.adv_weight * L_adv
     tr.scaler_g.scale((gen.L_diff + adv_term) * loss_scale).backward()

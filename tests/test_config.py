@@ -64,11 +64,16 @@ def test_image_size_not_divisible_suggests_sizes():
     ("gan.t_max=1000", "gan.t_max"), ("train.keep_last=0", "train.keep_last"),
     ("model.channels=2", "model.channels"), ("data.source=npz", "data.path"),
     ("gan.adv_weight=-1", "gan.adv_weight"), ("data.hflip_p=1.5", "data.hflip_p"),
-    ("gan.adv_warmup_kimg=-1", "gan.adv_warmup_kimg"),
+    ("gan.adv_warmup_kimg=-1", "gan.adv_warmup_kimg"), ("gan.self_fake_steps=1", "gan.self_fake_steps"),
 ])
 def test_impossible_values_fail_at_load(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])
+
+
+def test_own_samples_as_fakes_refuse_batchnorm():
+    with pytest.raises(ConfigError, match="gan.fakes: samples needs model.norm=group"):
+        load_config(None, ["gan.fakes=samples", "model.norm=batch"])
 
 
 def test_round_trip_through_yaml_and_dict(tmp_path):

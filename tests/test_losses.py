@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from dgan.losses import balanced_adv_surrogate, d_loss, diffusion_loss, g_adv_loss, r1_penalty
 
@@ -110,17 +111,17 @@ def test_r1_requires_grad_on_inputs() -> None:
         r1_penalty(x.sum(dim=(1, 2, 3)), x)
 
 
+class NoHostSync(TorchFunctionMode):
+    """Fails on any tensor operation that reads a value back to the host."""
+    forbidden = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "nonzero"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if getattr(func, "__name__", "") in self.forbidden:
+            raise AssertionError(f"host sync via {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
 def test_masked_losses_make_no_host_sync() -> None:
-    from torch.overrides import TorchFunctionMode
-
-    forbidden = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu"}
-
-    class NoHostSync(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            if getattr(func, "__name__", "") in forbidden:
-                raise AssertionError(f"host sync via {func.__name__}")
-            return func(*args, **(kwargs or {}))
-
     fake = torch.randn(4, 1, 2, 2, requires_grad=True)
     weight = torch.tensor([1.0, 0.0, 1.0, 1.0])
     with NoHostSync():
@@ -153,10 +154,12 @@ def test_balanced_adversarial_gradient_is_a_fixed_share_of_each_fakes_diffusion_
     assert torch.allclose(g2, g, rtol=1e-4, atol=1e-9)
 
 
-def test_balanced_adversarial_term_without_fakes_is_zero_but_differentiable() -> None:
-    out, L_diff, _ = _balance_case()
-    term = balanced_adv_surrogate(out, L_diff, torch.zeros(()), slice(0, 0), 0.1)
-    assert term.item() == 0 and term.requires_grad
+def test_balanced_adversarial_term_without_fakes_or_weight_is_zero() -> None:
+    out, L_diff, L_adv = _balance_case()
+    for fakes, ratio in ((slice(0, 0), 0.1), (slice(0, 3), 0.0)):  # no fake; the warm-up's zero gain
+        term = balanced_adv_surrogate(out, L_diff, L_adv, fakes, ratio)
+        assert term.item() == 0
+        (L_diff + term).backward(retain_graph=True)  # adds to the diffusion loss as it is
 
 
 def test_balanced_fakes_without_a_diffusion_target_use_the_batch_mean() -> None:
@@ -171,3 +174,11 @@ def test_balanced_fakes_without_a_diffusion_target_use_the_batch_mean() -> None:
     mean_norm = g_diff[:3].flatten(1).norm(dim=1).mean()
     assert torch.allclose(g[3:].flatten(1).norm(dim=1), 0.2 * mean_norm.expand(2), rtol=1e-4)
     assert g[:3].abs().max() == 0
+
+
+@pytest.mark.parametrize("own_reference", [True, False])
+def test_balanced_adversarial_term_makes_no_host_sync(own_reference: bool) -> None:
+    out, L_diff, L_adv = _balance_case()
+    with NoHostSync():
+        term = balanced_adv_surrogate(out, L_diff, L_adv, slice(0, 3), 0.1, own_reference=own_reference)
+    assert term.requires_grad
