@@ -44,6 +44,28 @@ def _require_terminal_noise(d) -> None:  # a DiffusionConfig
              f"{min(0.999, 20.0 / d.num_steps):.3g} (20/num_steps) or use diffusion.schedule=cosine")
 
 
+def _validate_gan(g, d, m) -> None:  # GanConfig, DiffusionConfig, ModelConfig
+    """The adversarial side: weights, the fakes, adaptive T, R1 and the D-health guard."""
+    _require(g.adv_weight >= 0, "gan.adv_weight", "must be >= 0 (0 = pure diffusion)")
+    _require(g.adv_warmup_kimg >= 0, "gan.adv_warmup_kimg", "must be >= 0 (0 = the adversarial term from step 0)")
+    _require(g.self_fakes >= 1, "gan.self_fakes", "must be >= 1 (G's own samples per micro-batch)")
+    _require(2 <= g.self_fake_steps <= d.num_steps, "gan.self_fake_steps",
+             f"must be in [2, diffusion.num_steps={d.num_steps}] (the DDIM grid of the fakes' chain)")
+    _require(g.fakes != "samples" or m.norm != "batch", "gan.fakes",
+             "samples needs model.norm=group: BatchNorm would learn its statistics from the fakes' chain")
+    _require(0 <= g.adv_t_max < d.num_steps, "gan.adv_t_max", f"must be in [0, {d.num_steps - 1}]")
+    _require(0 <= g.t_min <= g.t_max < d.num_steps, "gan.t_max",
+             f"need 0 <= gan.t_min <= gan.t_max <= diffusion.num_steps - 1 ({d.num_steps - 1}): "
+             "tau indexes the noise schedule")
+    _require(0.0 <= g.ada_target <= 1.0, "gan.ada_target", "must be in [0, 1]")
+    _require(g.ada_interval >= 1 and g.r1_every >= 1, "gan.ada_interval", "ada_interval and r1_every must be >= 1")
+    _require(g.ada_kimg > 0 and g.sigma >= 0 and g.r1_gamma >= 0, "gan.ada_kimg",
+             "ada_kimg must be > 0; sigma and r1_gamma >= 0")
+    _require(g.guard_max_loss > 1.39 and g.guard_max_logit > 0, "gan.guard_max_loss",
+             "guard_max_loss must exceed a chance-level D's 1.39 (try 10) and guard_max_logit be > 0")
+    _require(0 < g.guard_lr_factor <= 1, "gan.guard_lr_factor", "must be in (0, 1]; 0.5 halves lr_d per event")
+
+
 def validate(cfg) -> None:
     """Check a dgan.config.Config (not imported here: config.py imports this module)."""
     m, d, g, t = cfg.model, cfg.diffusion, cfg.gan, cfg.train
@@ -66,24 +88,7 @@ def validate(cfg) -> None:
              "need 0 < beta_start < beta_end < 1")
     if m.task != "sr":  # SR sampling starts from q(upsampled LR, T), so signal left at T is wanted there
         _require_terminal_noise(d)
-    _require(g.adv_weight >= 0, "gan.adv_weight", "must be >= 0 (0 = pure diffusion)")
-    _require(g.adv_warmup_kimg >= 0, "gan.adv_warmup_kimg", "must be >= 0 (0 = the adversarial term from step 0)")
-    _require(g.self_fakes >= 1, "gan.self_fakes", "must be >= 1 (G's own samples per micro-batch)")
-    _require(2 <= g.self_fake_steps <= d.num_steps, "gan.self_fake_steps",
-             f"must be in [2, diffusion.num_steps={d.num_steps}] (the DDIM grid of the fakes' chain)")
-    _require(g.fakes != "samples" or m.norm != "batch", "gan.fakes",
-             "samples needs model.norm=group: BatchNorm would learn its statistics from the fakes' chain")
-    _require(0 <= g.adv_t_max < d.num_steps, "gan.adv_t_max", f"must be in [0, {d.num_steps - 1}]")
-    _require(0 <= g.t_min <= g.t_max < d.num_steps, "gan.t_max",
-             f"need 0 <= gan.t_min <= gan.t_max <= diffusion.num_steps - 1 ({d.num_steps - 1}): "
-             "tau indexes the noise schedule")
-    _require(0.0 <= g.ada_target <= 1.0, "gan.ada_target", "must be in [0, 1]")
-    _require(g.ada_interval >= 1 and g.r1_every >= 1, "gan.ada_interval", "ada_interval and r1_every must be >= 1")
-    _require(g.ada_kimg > 0 and g.sigma >= 0 and g.r1_gamma >= 0, "gan.ada_kimg",
-             "ada_kimg must be > 0; sigma and r1_gamma >= 0")
-    _require(g.guard_max_loss > 1.39 and g.guard_max_logit > 0, "gan.guard_max_loss",
-             "guard_max_loss must exceed a chance-level D's 1.39 (try 10) and guard_max_logit be > 0")
-    _require(0 < g.guard_lr_factor <= 1, "gan.guard_lr_factor", "must be in (0, 1]; 0.5 halves lr_d per event")
+    _validate_gan(g, d, m)
     _require(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size", "batch_size and grad_accum must be >= 1")
     _require(t.total_kimg > 0, "train.total_kimg", "must be > 0")
     _require(t.lr_g > 0 and t.lr_d > 0, "train.lr_g", "learning rates must be > 0")
