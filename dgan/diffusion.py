@@ -275,19 +275,21 @@ class Diffusion:
                     generator: Optional[torch.Generator] = None,
                     device: Optional[torch.device | str] = None, clip_x0: bool = True,
                     callback: Optional[Callback] = None,
-                    step_hook: Optional[StepHook] = None) -> torch.Tensor:
+                    step_hook: Optional[StepHook] = None, end_t: Optional[int] = None) -> torch.Tensor:
         """DDIM (Song et al. 2021, eq. 12) over `steps` timesteps from timesteps_for(steps).
 
         eta = 0 is the deterministic probability-flow-like sampler; eta = 1 with steps = T has
-        the same transition kernel as DDPM. The last step lands on clean data with no noise.
-        `step_hook(x, t_next)` is applied after each update, as in ddpm_sample.
+        the same transition kernel as DDPM. The last step lands on clean data with no noise, or,
+        with `end_t`, on x at timestep end_t (grid points at or below it skipped: the chain that
+        makes the hybrid step's self-sampled fakes). `step_hook(x, t_next)` is applied after each
+        update, as in ddpm_sample.
         """
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         x = self._initial_noise(shape, x_T, generator, device)
-        ts = self.timesteps_for(steps).tolist()
+        ts = [t for t in self.timesteps_for(steps).tolist() if end_t is None or t > end_t]
         for i, t in enumerate(ts):
-            t_next = ts[i + 1] if i + 1 < len(ts) else None
+            t_next = ts[i + 1] if i + 1 < len(ts) else end_t
             x0, eps = self.denoise(model_fn, x, t, clip_x0)
             x = self.ddim_step(x0, eps, t, t_next, eta=eta, generator=generator)
             if step_hook is not None:

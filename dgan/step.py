@@ -256,19 +256,16 @@ def self_sampled_xt(tr: Trainables, cfg: Config, k: int, y: Optional[torch.Tenso
     labels, not the dropped ones: D judges the rows by them) and cond are the batch's first k rows.
     """
     t_last = int(torch.randint(0, cfg.gan.adv_t_max + 1, ()))
-    grid = [t for t in tr.diffusion.timesteps_for(cfg.gan.self_fake_steps).tolist() if t > t_last]
-    x = torch.randn((k, *like.shape[1:]), device=like.device, dtype=like.dtype)
+    x_T = torch.randn((k, *like.shape[1:]), device=like.device, dtype=like.dtype)
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return tr.G_raw(x_t, t, y, cond).float()
 
-    # The plain module, no grad: no DDP reducer is involved, the chain costs only forwards (and
-    # runs uncompiled under model.compile). BatchNorm would learn its statistics from these small
-    # same-t batches, so config_checks refuses fakes=samples with model.norm=batch.
-    with torch.no_grad(), autocast_for(cfg.train.precision, like.device):
-        for i, t in enumerate(grid):
-            x0, eps = tr.diffusion.denoise(model_fn, x, t, clip_x0=True)
-            x = tr.diffusion.ddim_step(x0, eps, t, grid[i + 1] if i + 1 < len(grid) else t_last)
+    # The plain module, no grad (ddim_sample's): no DDP reducer is involved, the chain costs only
+    # forwards (and runs uncompiled under model.compile). BatchNorm would learn its statistics from
+    # these small same-t batches, so config_checks refuses fakes=samples with model.norm=batch.
+    with autocast_for(cfg.train.precision, like.device):
+        x = tr.diffusion.ddim_sample(model_fn, x_T=x_T, steps=cfg.gan.self_fake_steps, end_t=t_last)
     return x.float(), torch.full((k,), t_last, dtype=torch.long, device=like.device)
 
 
