@@ -89,7 +89,7 @@ def test_shipped_configs_load(name):
     cfg = load_config(f"configs/{name}.yaml")
     if name == "medical128":
         assert (cfg.model.channels, cfg.model.image_size, cfg.model.encoder) == (1, 128, "resnet34")
-        assert cfg.gan.adv_weight == 0.1 and cfg.diffusion.num_steps == 1000
+        assert cfg.gan.adv_weight == 0.3 and cfg.diffusion.num_steps == 1000
 
 
 def test_cli_reports_config_error_before_starting(tmp_path):

@@ -30,7 +30,7 @@ def test_quick_start_leaves_a_complete_run_dir(tmp_path):
     import mlflow
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (mrun,) = client.search_runs(client.get_experiment_by_name("dgan").experiment_id)
-    assert mrun.data.params["gan.adv_weight"] == "0.1"
+    assert mrun.data.params["gan.adv_weight"] == "0.3"
     assert mrun.data.params["data.manifest_hash"]
     hist = client.get_metric_history(mrun.info.run_id, "L_diff")
     assert [m.step for m in hist] == [5, 10]
