@@ -137,11 +137,13 @@ def test_missing_inception_weights_fail_fast_without_download(run_dir, tmp_path)
     if elapsed >= 5.0:
         # The check needs the CLI's own imports (torch, torch-fidelity, the evaluation modules); on a
         # slow or loaded machine those alone can exceed 5 s, so there the bound is that import time
-        # plus 1.5 s: no work beyond the imports happens before the check.
+        # plus 1.5 s: no work beyond the imports happens before the check. Under load two runs of the
+        # same imports differ by a share of their time (11.6 s against 9.8 s seen with the suite beside
+        # a benchmark), so the slack grows with the floor; a download or checkpoint load would not fit.
         start = time.perf_counter()
         run_cli([sys.executable, "-c", "import dgan.evaluate, dgan.metrics"])
         floor = time.perf_counter() - start
-        assert elapsed < floor + 1.5, (elapsed, floor)
+        assert elapsed < 1.3 * floor + 1.5, (elapsed, floor)
 
 
 def test_torchrun_two_ranks_gather_exactly_n_samples_equal_to_one_process(user_eval, run_dir, loaded, tmp_path):
