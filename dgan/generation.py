@@ -30,7 +30,7 @@ from dgan.diffusion import Diffusion
 from dgan.errors import EvalError
 from dgan.models import Generator
 from dgan.pixels import to_uint8
-from dgan.seeding import Stream, derive_seed
+from dgan.seeding import Stream, stream_generator
 
 
 
@@ -136,7 +136,7 @@ def initial_noise(indices: Sequence[int], seed: int, shape: Sequence[int]) -> to
     """x_T for the given sample indices, on the CPU: sample i's noise depends on (seed, i) only."""
     out = torch.empty((len(indices), *shape))
     for row, index in enumerate(indices):
-        gen = torch.Generator().manual_seed(derive_seed(seed, Stream.INITIAL_NOISE, index))
+        gen = stream_generator(None, seed, Stream.INITIAL_NOISE, index)
         out[row] = torch.randn(tuple(shape), generator=gen)
     return out
 
@@ -162,7 +162,7 @@ def generate_indices(G: torch.nn.Module, diffusion, indices: Sequence[int], *, s
             x_T = initial_noise(chunk, seed, shape).to(device)
             labels = torch.tensor(chunk, device=device) % num_classes if num_classes > 0 else None
             # DDPM draws fresh noise at every step; its stream is seeded by the batch's first index.
-            step_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, Stream.STEP_NOISE, chunk[0]))
+            step_gen = stream_generator(device, seed, Stream.STEP_NOISE, chunk[0])
             x = diffusion.sample(guided_model_fn(G, labels, guidance), sampler, x_T=x_T, steps=steps,
                                  generator=step_gen)
             out.append(x.cpu())

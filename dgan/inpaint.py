@@ -35,7 +35,7 @@ from dgan.masks import MASK_TYPES, InpaintError, make_mask, mask_from_array
 from dgan.pixels import to_uint8
 from dgan.reference import EvalResult, conditioning_labels, load_reference, reference_info
 from dgan.rundir import output_dir
-from dgan.seeding import Stream, derive_seed
+from dgan.seeding import Stream, derive_seed, stream_generator
 
 INPAINT_SAMPLERS = ("ddim", "ddpm")
 DEFAULT_JUMP_LENGTH = 10
@@ -241,7 +241,7 @@ def evaluate_inpainting(G: torch.nn.Module | ModelFn, diffusion: Diffusion, imag
     results = []
     for start in range(0, images.shape[0], batch_size):
         stop = min(start + batch_size, images.shape[0])
-        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, Stream.INPAINT_NOISE, start))
+        gen = stream_generator(device, seed, Stream.INPAINT_NOISE, start)
         y = None if labels is None else labels[start:stop].to(device)
         results.append(inpaint(G, diffusion, images[start:stop].to(device), masks[start:stop].to(device),
                                sampler=sampler, steps=steps, eta=eta, jump_length=jump_length,

@@ -24,7 +24,7 @@ from dgan.pixels import to_uint8
 from dgan.reference import (EvalResult, conditioning_labels, load_reference, load_reference_u8, reference_cache_key,
                             reference_info)
 from dgan.runinfo import file_sha256
-from dgan.seeding import Stream, derive_seed
+from dgan.seeding import Stream, stream_generator
 
 # Without a metric flag. FRD is opt-in: it needs the optional `frd` extra (PyRadiomics).
 DEFAULT_METRICS = ("fid", "kid", "psnr", "ssim")
@@ -47,7 +47,7 @@ def reconstruction_metrics(G: torch.nn.Module, diffusion, x0: torch.Tensor, labe
     try:
         for t in t_values:
             # All of eps at once from one generator: the numbers do not depend on batch_size.
-            gen = torch.Generator().manual_seed(derive_seed(seed, Stream.RECON_NOISE, t))
+            gen = stream_generator(None, seed, Stream.RECON_NOISE, t)
             eps = torch.randn(x0.shape, generator=gen)
             preds = []
             for start in range(0, x0.shape[0], batch_size):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 import numpy as np
+import torch
 
 
 class Stream(IntEnum):
@@ -23,6 +24,7 @@ class Stream(IntEnum):
     DATA_TORCH = 8      # the torch generator of a rank's in-memory loader
     MASK = 11           # inpainting masks
     INPAINT_NOISE = 12  # RePaint's noise
+    D_NOISE = 13        # a training micro-batch's draws for D (step.d_noise_generator)
 
 
 def derive_seed(*parts: int) -> int:
@@ -30,3 +32,8 @@ def derive_seed(*parts: int) -> int:
     unrelated streams. Negative parts are taken modulo 2**63."""
     state = np.random.SeedSequence([int(p) % (1 << 63) for p in parts]).generate_state(1, dtype=np.uint64)[0]
     return int(state >> np.uint64(1))
+
+
+def stream_generator(device: torch.device | str | None, *parts: int) -> torch.Generator:
+    """A torch generator on `device` (None: the CPU) seeded with derive_seed(*parts)."""
+    return torch.Generator(device=device if device is not None else "cpu").manual_seed(derive_seed(*parts))

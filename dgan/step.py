@@ -30,6 +30,7 @@ from dgan.config import Config
 from dgan.diffusion import Diffusion
 from dgan.generation import sr_condition
 from dgan.losses import balanced_adv_surrogate, d_loss, diffusion_loss, g_adv_loss, r1_penalty
+from dgan.seeding import Stream, stream_generator
 
 
 @dataclass
@@ -123,11 +124,10 @@ def apply_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, found_i
 def with_cond(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     """D's input: the image, plus (task=sr) the upsampled LR of the same samples, channel-wise.
 
-    Why a conditional D for SR: an unconditional D only asks "is this a plausible HR image?",
-    so G could satisfy it with sharp detail that contradicts the LR. Seeing the LR next to
-    the image, D also judges whether the two agree (pix2pix-style). The LR is not diffused
-    with tau: it is a clean observation at test time, and noising it would hide the very
-    consistency that D is meant to check.
+    Why a conditional D for SR: an unconditional D only asks "is this a plausible HR image?", so G
+    could satisfy it with sharp detail that contradicts the LR. Seeing the LR next to the image, D
+    also judges whether the two agree (pix2pix-style). The LR is not diffused with tau: it is a clean
+    observation at test time, and noising it would hide the consistency that D is meant to check.
     """
     return x if cond is None else torch.cat([x, cond], dim=1)
 
@@ -163,16 +163,15 @@ class DSide:
 
 
 def d_context(tr: Trainables, cfg: Config, x0: torch.Tensor, x_t_fake: torch.Tensor, t_fake: torch.Tensor,
-              cond: Optional[torch.Tensor]) -> DSide:
+              cond: Optional[torch.Tensor], d_gen: Optional[torch.Generator] = None) -> DSide:
     """D's side inputs for the B reals and the k fakes (made from x_t_fake at t_fake; the SR condition
     of a fake is that of the batch's sample in the same row).
 
     gan.d_sees_xt: a fake x0_hat is judged beside the x_t that G denoised, at its t. Why: alone, a
     slightly blurred x0_hat from t <= adv_t_max is nearly a real image; beside x_t, D can ask whether
     the image explains x_t as a real one does (the residual x_t - sqrt(abar) x0 of a real pair is white
-    noise). Measured so far, it does not rescue a D held at chance by lazy R1 (benchmarks/RESULTS.md,
-    "The defect behind the coin flip"), which is why it is off by default. The reals
-    get their own x_t from a fresh t <= adv_t_max (not G's t, which is mostly > adv_t_max), so both
+    noise). Off by default: with it D stayed at chance, with R1 (benchmarks/RESULTS.md) and without.
+    The reals get their own x_t from a fresh t <= adv_t_max (not G's t, mostly > adv_t_max), so both
     classes share one t law and t alone tells D nothing.
     """
     k = x_t_fake.shape[0]
@@ -180,9 +179,9 @@ def d_context(tr: Trainables, cfg: Config, x0: torch.Tensor, x_t_fake: torch.Ten
     if not cfg.gan.d_sees_xt:
         return side
     B = x0.shape[0]
-    side.t_real = torch.randint(0, cfg.gan.adv_t_max + 1, (B,), device=x0.device)
-    x_t_real = tr.diffusion.q_sample(x0, side.t_real, torch.randn_like(x0))
-    side.t_fake = t_fake
+    side.t_real = torch.randint(0, cfg.gan.adv_t_max + 1, (B,), generator=d_gen, device=x0.device)
+    noise = torch.randn(x0.shape, generator=d_gen, device=x0.device, dtype=x0.dtype)
+    x_t_real, side.t_fake = tr.diffusion.q_sample(x0, side.t_real, noise), t_fake
     side.real = x_t_real if cond is None else torch.cat([x_t_real, cond], dim=1)
     side.fake = x_t_fake if cond is None else torch.cat([x_t_fake, cond[:k]], dim=1)
     return side
@@ -310,8 +309,9 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
 
 
 def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.Tensor],
-               *, do_r1: bool, sync: bool, loss_scale: float, gain: float = 1.0) -> dict[str, torch.Tensor]:
-    """Forward/backward for one micro-batch; gradients accumulate in .grad."""
+               *, do_r1: bool, sync: bool, loss_scale: float, gain: float = 1.0,
+               d_gen: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    """Forward/backward for one micro-batch; gradients accumulate in .grad. D draws from d_gen."""
     g, dev = cfg.gan, x0.device
     amp = autocast_for(cfg.train.precision, dev)
     B = x0.shape[0]
@@ -336,12 +336,12 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     k = gen.x0_hat.shape[0]
 
     # -- Phase 2: Diffusion-GAN instance noise on real and fake -----------------------------
-    tau = sample_tau(B, tr.ada.t_adapt, t_max=g.t_max, dist=g.tau_dist, device=dev)
-    y_real = diffuse(x0, tau, tr.diffusion.alpha_bar, g.sigma)
-    y_fake = diffuse(gen.x0_hat, tau[:k], tr.diffusion.alpha_bar, g.sigma)
+    tau = sample_tau(B, tr.ada.t_adapt, t_max=g.t_max, dist=g.tau_dist, generator=d_gen, device=dev)
+    y_real = diffuse(x0, tau, tr.diffusion.alpha_bar, g.sigma, generator=d_gen)
+    y_fake = diffuse(gen.x0_hat, tau[:k], tr.diffusion.alpha_bar, g.sigma, generator=d_gen)
 
     # -- Phase 3: D on real and detached fake (+ lazy R1 on clean reals), one DDP forward ---
-    side = d_context(tr, cfg, x0, gen.x_t_fake, gen.t_fake, cond)
+    side = d_context(tr, cfg, x0, gen.x_t_fake, gen.t_fake, cond, d_gen)
     d_out = d_backward(tr, cfg, x0, y_real, y_fake.detach(), tau, y_d, side, do_r1=do_r1, sync=sync,
                        loss_scale=loss_scale)
 
@@ -382,7 +382,11 @@ def train_step(tr: Trainables, cfg: Config, micro_batches: list[tuple[torch.Tens
     gain = adv_gain(cfg, step)
     for i, (x0, y) in enumerate(micro_batches):
         # Only the last micro-batch all-reduces gradients (no_sync on the others).
-        out = micro_step(tr, cfg, x0, y, do_r1=do_r1, sync=(i == n - 1), loss_scale=1.0 / n, gain=gain)
+        # D draws from its own stateless stream, so G draws the same t and eps whatever D does: a
+        # hybrid and a pure-diffusion run of one seed are paired (on the global stream they parted at
+        # step 1; benchmarks/RESULTS.md, "Paired arms"). Exact resume needs nothing saved for it.
+        d_gen = stream_generator(x0.device, cfg.train.seed, Stream.D_NOISE, dist.get_rank(), step, i)
+        out = micro_step(tr, cfg, x0, y, do_r1=do_r1, sync=(i == n - 1), loss_scale=1.0 / n, gain=gain, d_gen=d_gen)
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v / n
     gn_d, inf_d = unscale_and_clip(tr.opt_d, tr.scaler_d, list(tr.D_raw.parameters()), cfg.train.grad_clip_d)

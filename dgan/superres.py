@@ -46,7 +46,7 @@ from dgan.generation import guided_model_fn, initial_noise, make_lr, save_grid, 
 from dgan.pixels import to_uint8
 from dgan.reference import EvalResult, load_reference, reference_info
 from dgan.rundir import output_dir
-from dgan.seeding import Stream, derive_seed
+from dgan.seeding import Stream, stream_generator
 
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_STEPS = 50
@@ -74,7 +74,7 @@ def super_resolve(G: torch.nn.Module, diffusion, lr: torch.Tensor, *, scale: int
             x_T = diffusion.q_sample(cond, torch.full((cond.shape[0],), diffusion.num_steps - 1, device=device),
                                      noise)
             # step noise (ddpm, ddim with eta > 0): its own stream per batch, tag 1 as in dgan.evaluate
-            gen = torch.Generator(device=device).manual_seed(derive_seed(seed, Stream.STEP_NOISE, start))
+            gen = stream_generator(device, seed, Stream.STEP_NOISE, start)
             kw = {"eta": eta} if sampler == "ddim" else {}
             x = diffusion.sample(guided_model_fn(G, None, 1.0, cond), sampler, x_T=x_T, steps=steps,
                                  generator=gen, **kw)

@@ -189,3 +189,19 @@ def test_d_sees_xt_judges_each_image_beside_its_x_t_and_t(tiny_overrides):
     assert any(k.startswith("t_embed") for k in d_grads) and any(v.abs().max() > 0 for v in d_grads.values())
     with pytest.raises(ValueError, match="condition_on_t"):
         tr.D_raw(torch.zeros(2, 2, 32, 32), torch.zeros(2, dtype=torch.long))  # t is required
+
+
+@pytest.mark.parametrize("extra", [[], ["gan.d_sees_xt=true"]])
+def test_d_draws_leave_gs_random_stream_alone(tiny_overrides, extra):
+    """A hybrid and a pure-diffusion run of one seed are paired: over several steps, G draws the same
+    t and eps in both (the global stream ends in the same state), while D's draws repeat per step."""
+    after, d_loss_by_run = {}, {}
+    for w in (0.0, 0.3, 0.3):
+        cfg, tr = make(tiny_overrides, f"gan.adv_weight={w}", "gan.adv_t_max=999", *extra)
+        torch.manual_seed(7)
+        metrics = [train_step(tr, cfg, [batch(), batch()], step=s) for s in range(3)]
+        after.setdefault(w, []).append(torch.get_rng_state())
+        d_loss_by_run.setdefault(w, []).append(torch.stack([m["L_D"] for m in metrics]))
+    assert torch.equal(after[0.0][0], after[0.3][0]), "D's draws moved the global stream G draws from"
+    torch.testing.assert_close(d_loss_by_run[0.3][0], d_loss_by_run[0.3][1], rtol=0, atol=0)
+    assert float(d_loss_by_run[0.3][0].min()) > 0  # D did run in the hybrid

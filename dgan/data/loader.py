@@ -46,7 +46,7 @@ from torch import Tensor
 
 from dgan.data.sources import ChannelError, DataError, convert_channels, letterbox_resize
 from dgan.data.transforms import AugmentSettings, build_train_transform
-from dgan.seeding import Stream, derive_seed
+from dgan.seeding import Stream, derive_seed, stream_generator
 
 log = logging.getLogger("dgan.data")
 
@@ -365,7 +365,7 @@ class TrainData:
         plan = self.plan
         # an explicit generator: the DataLoader would otherwise draw its base seed from the
         # global torch RNG and shift the trainer's random stream on every epoch or resume
-        generator = torch.Generator().manual_seed(derive_seed(plan.seed, Stream.DATA_TORCH, epoch, plan.rank))
+        generator = stream_generator(None, plan.seed, Stream.DATA_TORCH, epoch, plan.rank)
         loader = wds.WebLoader(RankStream(plan, epoch, start_batch), batch_size=None, num_workers=plan.num_workers,
                                generator=generator, prefetch_factor=4 if plan.num_workers else None,
                                persistent_workers=False,
