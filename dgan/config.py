@@ -69,9 +69,9 @@ class DiffusionConfig:
 @dataclass
 class GanConfig:
     # The adversarial share: with adv_balance (default) a ratio of gradient norms per fake, else a loss
-    # weight (L_G = L_diff + adv_weight * L_adv); 0 = pure diffusion, D untrained. 0.3: five seeds at
-    # 28 kimg beat pure diffusion on 4 of 5 at DDIM 10 and 50, and beat 0.1 on the seeds probed
-    # (benchmarks/RESULTS.md, "The ratio 0.3")
+    # weight (L_G = L_diff + adv_weight * L_adv); 0 = pure diffusion, D untrained. 0.3 beat 0.1 on the
+    # seeds probed; against pure diffusion at 28 kimg it won 4 of 5 seeds unpaired and 1-2 of 5 paired,
+    # within the run-to-run spread (benchmarks/RESULTS.md, "The ratio 0.3" and "Paired arms")
     adv_weight: float = 0.3
     # Fakes only from x0_hat where t <= adv_t_max: large-t reconstructions are blurry means that D
     # tells apart at once and then overpowers G. benchmarks/quality.py (PneumoniaMNIST, seed 0): at
