@@ -311,7 +311,7 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
 def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.Tensor],
                *, do_r1: bool, sync: bool, loss_scale: float, gain: float = 1.0,
                d_gen: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
-    """Forward/backward for one micro-batch; gradients accumulate in .grad. D draws from d_gen."""
+    """Forward/backward for one micro-batch; gradients accumulate in .grad. D draws from d_gen (None: global)."""
     g, dev = cfg.gan, x0.device
     amp = autocast_for(cfg.train.precision, dev)
     B = x0.shape[0]

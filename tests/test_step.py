@@ -194,7 +194,8 @@ def test_d_sees_xt_judges_each_image_beside_its_x_t_and_t(tiny_overrides):
 @pytest.mark.parametrize("extra", [[], ["gan.d_sees_xt=true"]])
 def test_d_draws_leave_gs_random_stream_alone(tiny_overrides, extra):
     """A hybrid and a pure-diffusion run of one seed are paired: over several steps, G draws the same
-    t and eps in both (the global stream ends in the same state), while D's draws repeat per step."""
+    t and eps in both (the global stream, G's only source, ends in the same state), and a hybrid run
+    repeats exactly (D's own stream is seeded, not drawn from anything that varies)."""
     after, d_loss_by_run = {}, {}
     for w in (0.0, 0.3, 0.3):
         cfg, tr = make(tiny_overrides, f"gan.adv_weight={w}", "gan.adv_t_max=999", *extra)
