@@ -197,7 +197,9 @@ class AdaptiveT:
             acc = reduce_fn(acc)
         sign_sum, count, imgs = acc.unbind(0)
         # copy_ rather than rebinding, so references to p/t_adapt/r_d held elsewhere stay live.
-        self.r_d.copy_(sign_sum.to(torch.float32) / count.clamp_min(1).to(torch.float32))
+        # A window in which D never ran (gan.self_fake_every) keeps the last r_d (and p: imgs is 0)
+        r_d = sign_sum.to(torch.float32) / count.clamp_min(1).to(torch.float32)
+        self.r_d.copy_(torch.where(count > 0, r_d, self.r_d))
         direction = torch.sign(self.r_d.to(torch.float64) - self.target)
         step_p = direction * imgs.to(torch.float64) / (self.ada_kimg * 1000.0)
         self.p.copy_((self.p + step_p).clamp(0.0, 1.0))

@@ -27,6 +27,9 @@ from dgan.progress import Progress
 from dgan.tracking import Tracker, flatten
 
 
+D_METRICS = ("L_adv", "L_D", "L_r1", "D_real", "D_fake", "grad_norm_d")  # zero on a step without D
+
+
 class MetricWindow:
     """Sums metric tensors on device; reduced across ranks and read once per log interval."""
 
@@ -47,6 +50,10 @@ class MetricWindow:
         packed = dist.all_reduce_sum(packed) / dist.get_world_size()
         out = dict(zip(keys, packed.tolist()))  # the one host sync per interval
         out["skipped"] = out["skipped"] * self.n  # a count, not a mean
+        # D's metrics are means over the steps that ran D (gan.self_fake_every: one in N), not over all
+        share = out.pop("d_steps", 1.0)
+        for k in D_METRICS if 0 < share < 1 else ():
+            out[k] = out.get(k, 0.0) / share
         self.sums, self.n = {}, 0
         return out
 

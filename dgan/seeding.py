@@ -24,7 +24,7 @@ class Stream(IntEnum):
     DATA_TORCH = 8      # the torch generator of a rank's in-memory loader
     MASK = 11           # inpainting masks
     INPAINT_NOISE = 12  # RePaint's noise
-    D_NOISE = 13        # a training micro-batch's draws for D (step.train_step)
+    D_NOISE = 13        # a training micro-batch's draws for the adversarial side (step.adv_draws)
 
 
 def derive_seed(*parts: int) -> int:

@@ -31,6 +31,7 @@ from dgan.diffusion import Diffusion
 from dgan.generation import sr_condition
 from dgan.losses import balanced_adv_surrogate, d_loss, diffusion_loss, g_adv_loss, r1_penalty
 from dgan.seeding import Stream, stream_generator
+from dgan.update import apply_step, unscale_and_clip
 
 
 @dataclass
@@ -90,37 +91,6 @@ def drop_labels(y: Optional[torch.Tensor], p: float) -> Optional[torch.Tensor]:
     return torch.where(drop, torch.full_like(y, -1), y)
 
 
-def unscale_and_clip(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                     params: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unscale (fp16) and clip in place. Returns (grad_norm, found_inf 0/1) as device tensors.
-
-    DDP has already averaged the gradients, so a NaN on one rank is a NaN on every rank: all
-    ranks reach the same verdict without an extra collective.
-    """
-    if scaler.is_enabled():
-        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-    limit = max_norm if max_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
-    return grad_norm.detach(), (~torch.isfinite(grad_norm)).float()
-
-
-def apply_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, found_inf: torch.Tensor) -> None:
-    """Step unless found_inf=1, decided on device (no host sync).
-
-    The fused Adam kernel skips the whole update, step count included, when its `found_inf`
-    is 1; that is how GradScaler skips overflowed fp16 steps, and we use the same mechanism
-    for fp32/bf16. Under fp16 each GradScaler keeps its own verdict (its standard dynamic
-    loss scaling), so there G and D skip independently.
-    """
-    if scaler.is_enabled():
-        scaler.step(opt)
-        scaler.update()
-        return
-    opt.found_inf, opt.grad_scale = found_inf, None
-    opt.step()
-    del opt.found_inf, opt.grad_scale
-
-
 def with_cond(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     """D's input: the image, plus (task=sr) the upsampled LR of the same samples, channel-wise.
 
@@ -160,6 +130,26 @@ class DSide:
     fake: Optional[torch.Tensor] = None
     t_real: Optional[torch.Tensor] = None
     t_fake: Optional[torch.Tensor] = None
+
+
+@dataclass
+class AdvDraws:
+    """The random draws of a micro-batch that only the adversarial side makes (a pure-diffusion run
+    makes none): `device` for D's tau, instance noise and x_t and the self-sampled fakes' x_T, `host`
+    for host numbers (those fakes' t, drawn without a sync). None: the global streams."""
+    device: Optional[torch.Generator] = None
+    host: Optional[torch.Generator] = None
+
+
+def adv_draws(cfg: Config, device: torch.device, step: int, micro: int) -> AdvDraws:
+    """Micro-batch `micro` of `step`'s AdvDraws, from stateless streams of (seed, rank, step, micro).
+
+    Why: on the global stream, these draws shifted every later t and eps of G, so a hybrid and a
+    pure-diffusion run of one seed parted at step 1 (benchmarks/RESULTS.md, "Paired arms"). Stateless,
+    they need nothing in a checkpoint for exact resume. The host stream has one more part, so on a CPU
+    run its draws are not the device stream's."""
+    parts = (cfg.train.seed, Stream.D_NOISE, dist.get_rank(), step, micro)
+    return AdvDraws(stream_generator(device, *parts), stream_generator(None, *parts, 1))
 
 
 def d_context(tr: Trainables, cfg: Config, x0: torch.Tensor, x_t_fake: torch.Tensor, t_fake: torch.Tensor,
@@ -243,19 +233,19 @@ def adv_gain(cfg: Config, step: int) -> float:
 
 
 def self_sampled_xt(tr: Trainables, cfg: Config, k: int, y: Optional[torch.Tensor], cond: Optional[torch.Tensor],
-                    like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    like: torch.Tensor, draws: AdvDraws) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, t) of k of G's own samples at one t <= adv_t_max (gan.fakes=samples): DDIM, no grad, from
     pure noise over the points of the sampler's self_fake_steps grid above t, then a jump to t.
 
     Why: the recon fakes are x0_hat of *real* x_t at low t, nearly the reals, so D learns little and
     never sees what goes wrong along a sampling chain (low contrast, wrong anatomy). A sample's last
     x0 prediction, made with gradient in the training forward, is what the samplers output and what
-    D can learn to tell apart. t is one draw per micro-batch on the CPU generator (a host number, no
-    sync, checkpointed), uniform in [0, adv_t_max] like the reals' t under d_sees_xt; y (the true
+    D can learn to tell apart. t is one draw per micro-batch on draws.host (a host number, no sync),
+    uniform in [0, adv_t_max] like the reals' t under d_sees_xt; x_T is drawn on draws.device. y (the true
     labels, not the dropped ones: D judges the rows by them) and cond are the batch's first k rows.
     """
-    t_last = int(torch.randint(0, cfg.gan.adv_t_max + 1, ()))
-    x_T = torch.randn((k, *like.shape[1:]), device=like.device, dtype=like.dtype)
+    t_last = int(torch.randint(0, cfg.gan.adv_t_max + 1, (), generator=draws.host))
+    x_T = torch.randn((k, *like.shape[1:]), generator=draws.device, device=like.device, dtype=like.dtype)
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return tr.G_raw(x_t, t, y, cond).float()
@@ -281,8 +271,9 @@ class GOutput:
 
 
 def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch.Tensor], y: Optional[torch.Tensor],
-              cond: Optional[torch.Tensor], *, sync: bool) -> GOutput:
-    """ONE G forward: the diffusion loss on the batch and the fakes' x0_hat (clamped to the data range)."""
+              cond: Optional[torch.Tensor], draws: AdvDraws, *, sync: bool, adversarial: bool) -> GOutput:
+    """ONE G forward: the diffusion loss on the batch and the fakes' x0_hat (clamped to the data range);
+    without `adversarial` (a pure-diffusion step) no self-sampled fakes are made."""
     g, dev, B = cfg.gan, x0.device, x0.shape[0]
     # recon: the first k samples of the batch have t <= adv_t_max and make the fakes; samples: the
     # fakes' x_t (G's own) ride along after the batch, so one DDP forward serves both losses.
@@ -290,11 +281,11 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
     eps = torch.randn_like(x0)
     x_t = tr.diffusion.q_sample(x0, t, eps)
     x_in, t_in, y_in, c_in = x_t, t, y_g, cond
-    samples = g.fakes == "samples" and g.adv_weight > 0
+    samples = g.fakes == "samples" and adversarial
     if samples:
         k = min(g.self_fakes, B)
         y_s, c_s = (None if y is None else y[:k]), (None if cond is None else cond[:k])
-        x_s, t_s = self_sampled_xt(tr, cfg, k, y_s, c_s, x0)
+        x_s, t_s = self_sampled_xt(tr, cfg, k, y_s, c_s, x0, draws)
         x_in, t_in = torch.cat([x_t, x_s]), torch.cat([t, t_s])
         y_in = None if y_g is None else torch.cat([y_g, y_s])
         c_in = None if cond is None else torch.cat([cond, c_s])
@@ -310,9 +301,11 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
 
 def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.Tensor],
                *, do_r1: bool, sync: bool, loss_scale: float, gain: float = 1.0,
-               d_gen: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
-    """Forward/backward for one micro-batch; gradients accumulate in .grad. D draws from d_gen (None: global)."""
-    g, dev = cfg.gan, x0.device
+               draws: Optional[AdvDraws] = None, adversarial: bool = True) -> dict[str, torch.Tensor]:
+    """Forward/backward for one micro-batch; gradients accumulate in .grad. The adversarial side draws
+    from `draws` (None: the global streams); adversarial=False makes it a pure-diffusion step."""
+    g, dev, draws = cfg.gan, x0.device, draws or AdvDraws()
+    d_gen = draws.device
     amp = autocast_for(cfg.train.precision, dev)
     B = x0.shape[0]
     y_g = drop_labels(y, cfg.train.label_dropout) if cfg.model.num_classes > 0 else None
@@ -324,8 +317,9 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
 
     # -- Phase 1: one G forward -> diffusion loss, and the fakes' x0_hat ----------------------
     # Large-t reconstructions are blurry means, not fakes: only t <= adv_t_max yields one.
-    gen = g_forward(tr, cfg, x0, y_g, y_d, cond, sync=sync)
-    if g.adv_weight == 0:
+    adversarial = adversarial and g.adv_weight > 0
+    gen = g_forward(tr, cfg, x0, y_g, y_d, cond, draws, sync=sync, adversarial=adversarial)
+    if not adversarial:
         # Pure diffusion: G never sees D, so training D would only cost time (and, with nothing
         # pushing back, it overfits and runs away). Skipping it also keeps G's random stream
         # independent of D's design, so a pure-diffusion arm is the same run whatever D is.
@@ -379,22 +373,28 @@ def train_step(tr: Trainables, cfg: Config, micro_batches: list[tuple[torch.Tens
     tr.opt_d.zero_grad(set_to_none=True)
     n = len(micro_batches)
     sums: dict[str, torch.Tensor] = {}
-    gain = adv_gain(cfg, step)
+    # gan.self_fake_every: the adversarial part on one step in N, its push x N (lazy, like R1's gamma x N)
+    every = cfg.gan.self_fake_every if cfg.gan.fakes == "samples" else 1
+    adversarial, gain = step % every == 0, adv_gain(cfg, step) * every
     for i, (x0, y) in enumerate(micro_batches):
         # Only the last micro-batch all-reduces gradients (no_sync on the others).
-        # D draws from its own stateless stream, so G draws the same t and eps whatever D does: a
-        # hybrid and a pure-diffusion run of one seed are paired (on the global stream they parted at
-        # step 1; benchmarks/RESULTS.md, "Paired arms"). Exact resume needs nothing saved for it.
-        d_gen = stream_generator(x0.device, cfg.train.seed, Stream.D_NOISE, dist.get_rank(), step, i)
-        out = micro_step(tr, cfg, x0, y, do_r1=do_r1, sync=(i == n - 1), loss_scale=1.0 / n, gain=gain, d_gen=d_gen)
+        # The adversarial side draws from its own streams (adv_draws), so G draws the same t and eps
+        # whatever D does: a hybrid and a pure-diffusion run of one seed are paired.
+        out = micro_step(tr, cfg, x0, y, do_r1=do_r1, sync=(i == n - 1), loss_scale=1.0 / n, gain=gain,
+                         draws=adv_draws(cfg, x0.device, step, i), adversarial=adversarial)
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v / n
-    gn_d, inf_d = unscale_and_clip(tr.opt_d, tr.scaler_d, list(tr.D_raw.parameters()), cfg.train.grad_clip_d)
     gn_g, inf_g = unscale_and_clip(tr.opt_g, tr.scaler_g, list(tr.G_raw.parameters()), cfg.train.grad_clip_g)
+    # No D in this step (pure diffusion, a lazy step): no D gradient to apply (fp16's scaler would refuse)
+    d_ran = adversarial and cfg.gan.adv_weight > 0
+    gn_d, inf_d = (unscale_and_clip(tr.opt_d, tr.scaler_d, list(tr.D_raw.parameters()), cfg.train.grad_clip_d)
+                   if d_ran else (torch.zeros_like(gn_g), torch.zeros_like(inf_g)))
     skipped = torch.maximum(inf_d, inf_g)  # a bad G or D gradient skips both players
-    apply_step(tr.opt_d, tr.scaler_d, skipped)
+    if d_ran:
+        apply_step(tr.opt_d, tr.scaler_d, skipped)
     apply_step(tr.opt_g, tr.scaler_g, skipped)
     tr.skip_streak = (tr.skip_streak.to(skipped.device) + skipped) * skipped  # resets on a good step
-    sums.update(grad_norm_g=gn_g, grad_norm_d=gn_d, skipped=skipped)
+    d_steps = torch.full((), float(d_ran), device=gn_g.device)
+    sums.update(grad_norm_g=gn_g, grad_norm_d=gn_d, skipped=skipped, d_steps=d_steps)
     return sums
 

@@ -78,7 +78,7 @@ def build_models(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, to
 
 
 def build_optimizer(params, lr: float, betas: list[float]) -> torch.optim.Adam:
-    # fused: one kernel per step, and it honours an on-device found_inf (see step.apply_step)
+    # fused: one kernel per step, and it honours an on-device found_inf (see update.apply_step)
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=True)
 
 

@@ -209,8 +209,9 @@ def test_update_without_images_and_accumulator_reset() -> None:
     ctrl.update()
     p_after = ctrl.p.item()
     assert ctrl.imgs_since_last.item() == 0
-    ctrl.update()  # accumulators were reset, so a second update moves nothing
-    assert ctrl.p.item() == p_after
+    r_d_after = ctrl.r_d.item()
+    ctrl.update()  # accumulators were reset, so a second update moves nothing, r_d included
+    assert ctrl.p.item() == p_after and ctrl.r_d.item() == r_d_after == 1.0
 
 
 def test_should_update_every_interval_steps() -> None:

@@ -69,14 +69,17 @@ def test_ranks_stay_identical_and_agree_to_stop(root, tmp_path):
     # 6 tiny steps, D's real logits hover at 0, and seed 0 lands on exactly that.
     # R1 is off by default (gan.r1_gamma): switched on here so that its double backward runs under DDP
     base = TINY_RUN + [f"data.cache_dir={root / '.cache'}", "gan.r1_every=2", "gan.r1_gamma=0.05",
-                   "gan.ada_interval=2", "gan.ada_kimg=0.1", "gan.ada_target=0.0", "gan.adv_t_max=400"]
+                   "gan.ada_interval=2", "gan.ada_kimg=0.1", "gan.ada_target=0.0", "gan.adv_t_max=400",
+                   "gan.fakes=recon"]
     spec = {"plain": base,
             # accumulation (no_sync), BatchNorm buffers (broadcast per step) and channels_last inputs
             "accum": base + ["train.grad_accum=2", "model.norm=batch", "model.channels_last=true"],
             # a NaN image on rank 1 alone at step 2: all ranks skip that step, and only that one
             "nan": base + ["poison_rank1_step=2"],
-            # G's own samples as D's fakes: a no-grad chain on the plain module, then one DDP forward
-            "samples": base + ["gan.fakes=samples", "gan.self_fakes=2", "gan.self_fake_steps=3"]}
+            # G's own samples as D's fakes: a no-grad chain on the plain module, then one DDP forward; lazy,
+            # so on steps 1, 3 and 5 no rank runs D
+            "samples": base + ["gan.fakes=samples", "gan.self_fakes=2", "gan.self_fake_steps=3",
+                               "gan.self_fake_every=2"]}
     r = run(torchrun(2, str(REPO / "tests" / "ddp_worker.py"), str(tmp_path), "6", json.dumps(spec)))
     for name in spec:
         r0, r1 = (torch.load(tmp_path / f"{name}-rank{k}.pt", weights_only=True) for k in (0, 1))

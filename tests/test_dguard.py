@@ -56,8 +56,10 @@ def test_guard_is_off_for_pure_diffusion(tiny_overrides):
 
 def run(tmp_path, tiny_overrides, guard_on: bool, steps: int = 60, blow_up_at: int = 30, every: int = 10):
     """Train the hybrid, make D run away at step `blow_up_at` (its head's weights x1000: logits in the
-    thousands, what a runaway leaves behind), and keep training; return the per-interval L_D and the guard."""
+    thousands, what a runaway leaves behind), and keep training; return the per-interval L_D and the guard.
+    Recon fakes: D then steps on every step (the lazy samples fakes: one in 4), ten D steps per interval."""
     cfg = load_config(None, tiny_overrides + ["train.batch_size=8", f"gan.guard={str(guard_on).lower()}",
+                      "gan.fakes=recon",
                       "data.num_images=64", f"data.cache_dir={tmp_path / 'cache'}", "train.device=cpu",
                       f"log.every_steps={every}"])
     trainer = Trainer.build(cfg, torch.device("cpu"))

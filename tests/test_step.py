@@ -7,6 +7,7 @@ import torch
 import dgan.step as step_mod
 from dgan.config import load_config
 from dgan.losses import diffusion_loss
+from dgan.monitor import MetricWindow
 from dgan.step import adv_gain, draw_timesteps, micro_step, train_step
 from dgan.trainer import build_trainables
 
@@ -65,7 +66,7 @@ def test_adversarial_term_changes_g_but_g_step_gives_d_no_gradient(tiny_override
 
 
 def test_one_generator_forward_per_micro_batch(tiny_overrides):
-    cfg, tr = make(tiny_overrides, "train.grad_accum=2")
+    cfg, tr = make(tiny_overrides, "train.grad_accum=2", "gan.fakes=recon")  # samples add their chain's
     calls = []
     tr.G_raw.register_forward_hook(lambda *a: calls.append(1))
     train_step(tr, cfg, [batch(), batch()], step=1)
@@ -74,7 +75,7 @@ def test_one_generator_forward_per_micro_batch(tiny_overrides):
 
 def test_fakes_only_where_t_at_most_adv_t_max(tiny_overrides):
     # adv_t_max=0 keeps (almost) no fakes: L_adv must then be exactly zero and carry no G gradient
-    cfg, tr = make(tiny_overrides, "gan.adv_t_max=0", "gan.adv_weight=1.0")
+    cfg, tr = make(tiny_overrides, "gan.adv_t_max=0", "gan.adv_weight=1.0", "gan.fakes=recon")
     torch.manual_seed(3)
     m = micro_step(tr, cfg, *batch(), do_r1=False, sync=True, loss_scale=1.0)
     assert float(m["L_adv"]) == 0.0
@@ -127,9 +128,9 @@ def test_non_finite_step_is_skipped_on_device(tiny_overrides):
     assert float(m["skipped"]) == 0.0 and float(tr.skip_streak) == 0.0  # the streak resets
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_paths_run_and_update(tiny_overrides, precision):
-    cfg, tr = make(tiny_overrides, f"train.precision={precision}", "train.device=cpu")
+@pytest.mark.parametrize("precision, extra", [("bf16", []), ("fp16", []), ("fp16", ["gan.adv_weight=0"])])
+def test_mixed_precision_paths_run_and_update(tiny_overrides, precision, extra):
+    cfg, tr = make(tiny_overrides, f"train.precision={precision}", "train.device=cpu", *extra)
     before = [p.detach().clone() for p in tr.G_raw.parameters()]
     m = train_step(tr, cfg, [batch()], step=1)
     assert torch.isfinite(m["L_diff"])
@@ -191,7 +192,8 @@ def test_d_sees_xt_judges_each_image_beside_its_x_t_and_t(tiny_overrides):
         tr.D_raw(torch.zeros(2, 2, 32, 32), torch.zeros(2, dtype=torch.long))  # t is required
 
 
-@pytest.mark.parametrize("extra", [[], ["gan.d_sees_xt=true"]])
+@pytest.mark.parametrize("extra", [["gan.fakes=recon"], ["gan.fakes=recon", "gan.d_sees_xt=true"],
+                                   ["gan.fakes=samples", "gan.self_fakes=2", "gan.self_fake_every=1"]])
 def test_d_draws_leave_gs_random_stream_alone(tiny_overrides, extra):
     """A hybrid and a pure-diffusion run of one seed are paired: over several steps, G draws the same
     t and eps in both (the global stream, G's only source, ends in the same state), and a hybrid run
@@ -206,3 +208,26 @@ def test_d_draws_leave_gs_random_stream_alone(tiny_overrides, extra):
     assert torch.equal(after[0.0][0], after[0.3][0]), "D's draws moved the global stream G draws from"
     torch.testing.assert_close(d_loss_by_run[0.3][0], d_loss_by_run[0.3][1], rtol=0, atol=0)
     assert float(d_loss_by_run[0.3][0].min()) > 0  # D did run in the hybrid
+
+
+def test_lazy_self_sampled_fakes_run_d_on_one_step_in_n_with_n_times_the_push(tiny_overrides, monkeypatch):
+    """gan.self_fake_every=3: steps 0 and 3 are hybrid steps, with the balanced ratio x3 (lazy, like R1);
+    steps 1 and 2 are pure-diffusion steps that leave D untouched; the log window's D metrics are
+    means over the steps that ran D, not diluted by the others' zeros."""
+    cfg, tr = make(tiny_overrides, "gan.fakes=samples", "gan.self_fakes=2", "gan.self_fake_every=3",
+                   "gan.adv_weight=0.3")
+    ratios, real = [], step_mod.balanced_adv_surrogate
+    monkeypatch.setattr(step_mod, "balanced_adv_surrogate",
+                        lambda *a, **kw: ratios.append(a[4]) or real(*a, **kw))
+    window, metrics = MetricWindow(), []
+    for s in range(4):
+        before = copy.deepcopy(tr.D_raw.state_dict())
+        metrics.append(train_step(tr, cfg, [batch()], step=s))
+        window.add(metrics[-1])
+        moved = any(not torch.equal(before[k], v) for k, v in tr.D_raw.state_dict().items())
+        assert moved == (s % 3 == 0), f"step {s}: D {'moved' if moved else 'stood still'}"
+    assert ratios == pytest.approx([0.9, 0.9])
+    assert [float(m["L_D"]) > 0 for m in metrics] == [True, False, False, True]
+    out = window.reduce()
+    assert out["L_D"] == pytest.approx((float(metrics[0]["L_D"]) + float(metrics[3]["L_D"])) / 2, rel=1e-5)
+    assert "d_steps" not in out
