@@ -375,18 +375,17 @@ def train_step(tr: Trainables, cfg: Config, micro_batches: list[tuple[torch.Tens
     sums: dict[str, torch.Tensor] = {}
     # gan.self_fake_every: the adversarial part on one step in N, its push x N (lazy, like R1's gamma x N)
     every = cfg.gan.self_fake_every if cfg.gan.fakes == "samples" else 1
-    adversarial, gain = step % every == 0, adv_gain(cfg, step) * every
+    d_ran, gain = step % every == 0 and cfg.gan.adv_weight > 0, adv_gain(cfg, step) * every
     for i, (x0, y) in enumerate(micro_batches):
         # Only the last micro-batch all-reduces gradients (no_sync on the others).
         # The adversarial side draws from its own streams (adv_draws), so G draws the same t and eps
         # whatever D does: a hybrid and a pure-diffusion run of one seed are paired.
         out = micro_step(tr, cfg, x0, y, do_r1=do_r1, sync=(i == n - 1), loss_scale=1.0 / n, gain=gain,
-                         draws=adv_draws(cfg, x0.device, step, i), adversarial=adversarial)
+                         draws=adv_draws(cfg, x0.device, step, i), adversarial=d_ran)
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v / n
     gn_g, inf_g = unscale_and_clip(tr.opt_g, tr.scaler_g, list(tr.G_raw.parameters()), cfg.train.grad_clip_g)
     # No D in this step (pure diffusion, a lazy step): no D gradient to apply (fp16's scaler would refuse)
-    d_ran = adversarial and cfg.gan.adv_weight > 0
     gn_d, inf_d = (unscale_and_clip(tr.opt_d, tr.scaler_d, list(tr.D_raw.parameters()), cfg.train.grad_clip_d)
                    if d_ran else (torch.zeros_like(gn_g), torch.zeros_like(inf_g)))
     skipped = torch.maximum(inf_d, inf_g)  # a bad G or D gradient skips both players
