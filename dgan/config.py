@@ -69,9 +69,8 @@ class DiffusionConfig:
 @dataclass
 class GanConfig:
     # The adversarial share: with adv_balance (default) a ratio of gradient norms per fake, else a loss
-    # weight (L_G = L_diff + adv_weight * L_adv); 0 = pure diffusion, D untrained. 0.3 beat 0.1 on the
-    # seeds probed; with recon fakes it did not beat pure diffusion paired, with samples fakes it won 4 of
-    # 5 seeds by 5% (benchmarks/RESULTS.md, "Paired arms" and "Fakes from G's own sampler, paired")
+    # weight (L_G = L_diff + adv_weight * L_adv); 0 = pure diffusion, D untrained. 0.3 beat 0.1 (recon
+    # fakes), and 1.0 and 2.0 with samples fakes (benchmarks/RESULTS.md, "A stronger push")
     adv_weight: float = 0.3
     # Fakes only from x0_hat where t <= adv_t_max: large-t reconstructions are blurry means that D
     # tells apart at once and then overpowers G. benchmarks/quality.py (PneumoniaMNIST, seed 0): at
@@ -90,15 +89,17 @@ class GanConfig:
     # benchmarks/RESULTS.md ("A bounded adversarial push"). false: the plain weighted sum, which with a
     # D that learns ruined G; the old recipe is false with gan.r1_gamma=0.05 train.lr_d=2e-4.
     adv_balance: bool = True
-    # What D judges as fake. recon: x0_hat of the batch's own diffusion samples with t <= adv_t_max (nearly
-    # the reals: a D learns little from them). samples: G's own samples, run by a no-grad DDIM chain
-    # (self_fake_steps, the sampler's grid) from pure noise down to one t <= adv_t_max, whose last x0
-    # prediction is made in G's training forward, so D's gradient reaches G there (step.self_sampled_xt).
-    # configs/pneumonia32.yaml uses samples: paired on five seeds at 28 kimg it beat recon on 5 of 5
-    # (benchmarks/RESULTS.md, "Fakes from G's own sampler, paired"). recon stays the default here (the
-    # quick start, medical128): at the seed setup's batch of 8 the samples' chain costs a step 1.6x.
-    fakes: Literal["recon", "samples"] = "recon"
-    self_fakes: int = 8                       # fakes=samples: G's own samples per micro-batch
+    # What D judges as fake. samples: G's own samples, run by a no-grad DDIM chain (self_fake_steps, the
+    # sampler's grid) from pure noise down to one t <= adv_t_max, whose last x0 prediction is made in G's
+    # training forward, so D's gradient reaches G there (step.self_sampled_xt). recon: x0_hat of the
+    # batch's own diffusion samples with t <= adv_t_max (nearly the reals: D learns little from them).
+    # Paired on five seeds at 28 kimg, samples beat recon on 5 of 5 at DDIM 10 and 50 (FID -8%) and pure
+    # diffusion on 4 of 5 at DDIM 10 (benchmarks/RESULTS.md, "Fakes from G's own sampler, paired").
+    fakes: Literal["recon", "samples"] = "samples"
+    # fakes=samples: G's own samples per micro-batch; 0 = one per 8 of its images (at least one): 8 at a
+    # batch of 64 (the setting measured), 1 at the seed setup's 8, whose step the chain's forwards would
+    # otherwise dominate (benchmarks/RESULTS.md, "Hybrid step cost")
+    self_fakes: int = 0
     self_fake_steps: int = 4                  # fakes=samples: the DDIM grid of their chain
     # fakes=samples: the adversarial part of a step (the chain, D's step, G's adversarial term) runs on one
     # step in self_fake_every, with its ratio x self_fake_every (lazy, like StyleGAN2's R1); the others are
@@ -371,7 +372,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
 LEGACY_DEFAULTS = {("model", "task"): "generate", ("model", "norm_conditioning"): False,
                    ("diffusion", "prediction"): "eps", ("train", "lr_schedule"): "constant",
                    ("gan", "adv_warmup_kimg"): 0.0, ("gan", "d_sees_xt"): False,
-                   ("gan", "adv_balance"): False}
+                   ("gan", "adv_balance"): False, ("gan", "fakes"): "recon", ("gan", "self_fake_every"): 1}
 
 
 def with_legacy_defaults(saved: dict) -> dict:

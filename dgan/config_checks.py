@@ -48,14 +48,16 @@ def _validate_gan(g, d, m) -> None:  # GanConfig, DiffusionConfig, ModelConfig
     """The adversarial side: weights, the fakes, adaptive T, R1 and the D-health guard."""
     _require(g.adv_weight >= 0, "gan.adv_weight", "must be >= 0 (0 = pure diffusion)")
     _require(g.adv_warmup_kimg >= 0, "gan.adv_warmup_kimg", "must be >= 0 (0 = the adversarial term from step 0)")
-    _require(g.self_fakes >= 1, "gan.self_fakes", "must be >= 1 (G's own samples per micro-batch)")
+    _require(g.self_fakes >= 0, "gan.self_fakes",
+             "must be >= 0 (G's own samples per micro-batch; 0 = one per 8 of its images)")
     _require(2 <= g.self_fake_steps <= d.num_steps, "gan.self_fake_steps",
              f"must be in [2, diffusion.num_steps={d.num_steps}] (the DDIM grid of the fakes' chain)")
     _require(g.self_fake_every >= 1, "gan.self_fake_every", "must be >= 1 (1 = fakes on every step)")
     _require(g.fakes != "samples" or g.r1_gamma == 0 or g.r1_every % g.self_fake_every == 0, "gan.r1_every",
              "must be a multiple of gan.self_fake_every, or R1 would fall on steps that run no D")
     _require(g.fakes != "samples" or m.norm != "batch", "gan.fakes",
-             "samples needs model.norm=group: BatchNorm would learn its statistics from the fakes' chain")
+             "samples needs model.norm=group (BatchNorm would learn its statistics from the fakes' chain); "
+             "or set gan.fakes=recon")
     _require(0 <= g.adv_t_max < d.num_steps, "gan.adv_t_max", f"must be in [0, {d.num_steps - 1}]")
     _require(0 <= g.t_min <= g.t_max < d.num_steps, "gan.t_max",
              f"need 0 <= gan.t_min <= gan.t_max <= diffusion.num_steps - 1 ({d.num_steps - 1}): "

@@ -283,7 +283,7 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
     x_in, t_in, y_in, c_in = x_t, t, y_g, cond
     samples = g.fakes == "samples" and adversarial
     if samples:
-        k = min(g.self_fakes, B)
+        k = min(g.self_fakes, B) if g.self_fakes else max(1, B // 8)  # 0: one per 8 images
         y_s, c_s = (None if y is None else y[:k]), (None if cond is None else cond[:k])
         x_s, t_s = self_sampled_xt(tr, cfg, k, y_s, c_s, x0, draws)
         x_in, t_in = torch.cat([x_t, x_s]), torch.cat([t, t_s])

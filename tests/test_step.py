@@ -180,6 +180,16 @@ def test_self_sampled_fakes_come_from_gs_own_chain_and_train_g_through_their_las
     assert any(v.abs().max() > 0 for v in grads(tr.D_raw).values())
 
 
+def test_self_fakes_zero_makes_one_fake_per_eight_images(tiny_overrides):
+    # The default (0): the seed setup's batch of 8 gets 1 fake, not 8 that would double G's rows
+    for n, k in ((4, 1), (16, 2)):
+        cfg, tr = make(tiny_overrides, "gan.fakes=samples", "gan.self_fakes=0")
+        rows, real_forward = [], tr.G_raw.forward
+        tr.G_raw.forward = lambda x, t, *a: rows.append(x.shape[0]) or real_forward(x, t, *a)
+        micro_step(tr, cfg, *batch(n), do_r1=False, sync=True, loss_scale=1.0)
+        assert rows[0] == k and rows[-1] == n + k, (n, rows)  # the chain's forwards, then the training one
+
+
 def test_d_sees_xt_judges_each_image_beside_its_x_t_and_t(tiny_overrides):
     cfg, tr = make(tiny_overrides, "gan.d_sees_xt=true", "gan.adv_t_max=999", "gan.adv_weight=1.0")
     assert tr.D_raw.convs[0].in_channels == 2  # the image and its x_t, channel-wise
