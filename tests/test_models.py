@@ -332,7 +332,9 @@ def test_generator_from_config_and_legacy_checkpoint_configs() -> None:
     assert Generator.from_config(cfg.model).norm_proj is not None
     old = to_dict(cfg)  # a checkpoint config written before these keys existed
     del old["model"]["norm_conditioning"], old["diffusion"]["prediction"], old["train"]["lr_schedule"]
+    del old["gan"]["fakes"], old["gan"]["self_fake_every"]
     legacy = config_from_dict(old)
     assert (legacy.model.norm_conditioning, legacy.diffusion.prediction, legacy.train.lr_schedule) == \
         (False, "eps", "constant")
+    assert (cfg.gan.fakes, legacy.gan.fakes, legacy.gan.self_fake_every) == ("samples", "recon", 1)
     assert Generator.from_config(legacy.model).norm_proj is None
