@@ -1,7 +1,7 @@
 """What a resume restores besides the weights, and the check that a checkpoint fits the config:
 the Python/numpy/torch/CUDA RNG streams (as tensors and ints, so that weights_only loading keeps
 working), strict state-dict loading with a one-line summary of a mismatch, and the comparison of
-a checkpoint's architecture keys with the current config."""
+a checkpoint's config with the current one (architecture keys must match, recipe changes are named)."""
 from __future__ import annotations
 
 import json
@@ -93,6 +93,33 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], keys:
             "checkpoint does not match the config: " + "; ".join(mismatches)
             + f" -- pass the checkpoint's config (--config {saved_config}){hint}"
         )
+
+
+# Keys a resume may change without changing what is trained: the run's length, where it runs and
+# reads its data, how it saves. log.* and eval.* are all of that kind, so only these sections count.
+RECIPE_SECTIONS = ("model", "diffusion", "gan", "data", "train")
+RUN_CONTROL_KEYS = frozenset({
+    "model.encoder_weights", "model.encoder_weights_path", "model.channels_last", "model.compile",
+    "data.path", "data.shards", "data.val_shards", "data.cache_dir", "data.num_workers",
+    "train.total_kimg", "train.device", "train.threads", "train.resume", "train.ckpt_every_kimg",
+    "train.ckpt_every_min", "train.keep_last", "train.max_skipped_steps"})
+
+
+def recipe_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """'key=old (now new)' for every recipe key whose value a resume changes.
+
+    Why: a resume trains with the current config, which may differ from the checkpoint's on purpose
+    (a lower lr) or by accident (a default that changed between dgan versions, or a forgotten
+    override). Either is allowed, but never silently. `saved` should carry the legacy defaults, so
+    that a key the checkpoint predates compares as what it meant then."""
+    changes = []
+    for section in RECIPE_SECTIONS:
+        for key, value in current.get(section, {}).items():
+            dotted = f"{section}.{key}"
+            old, new = _normalise(_lookup(saved, dotted)), _normalise(value)
+            if dotted not in RUN_CONTROL_KEYS and old is not _MISSING and old != new:
+                changes.append(f"{dotted}={_fmt(old)} (now {_fmt(new)})")
+    return changes
 
 
 _SIZE_RE = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "

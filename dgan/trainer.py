@@ -37,7 +37,8 @@ from dgan.lr_schedule import build_lr_schedule
 from dgan.models import Generator, PatchDiscriminator
 from dgan.monitor import (MetricWindow, build_tracker, crossed, log_interval, periodic_eval,
                           write_samples)
-from dgan.resume_state import capture_rng_state, check_compatible, load_state_dict_strict, restore_rng_state
+from dgan.resume_state import (capture_rng_state, check_compatible, load_state_dict_strict, recipe_changes,
+                               restore_rng_state)
 from dgan.rundir import CHECKPOINTS, RunPlan, claim_run_dir, home_of
 from dgan.runinfo import git_hash
 from dgan.step import Trainables, TrainState, global_batch_size, train_step
@@ -240,8 +241,12 @@ class Trainer:
         # A different SR scale is a different task even though the weights would load.
         keys = ARCH_KEYS + (["model.sr_scale"] if cfg.model.task == "sr" else [])
         run_config = home_of(path) / "config.yaml"  # still the run's own: nothing is written before this check
-        check_compatible(with_legacy_defaults(payload["metadata"]["config"]), to_dict(cfg), keys,
-                         str(run_config) if run_config.is_file() else "runs/<run>/config.yaml")
+        saved = with_legacy_defaults(payload["metadata"]["config"])
+        check_compatible(saved, to_dict(cfg), keys, str(run_config) if run_config.is_file() else "runs/<run>/config.yaml")
+        changes = recipe_changes(saved, to_dict(cfg))
+        if changes:
+            dist.print0(f"warning: this resume changes the checkpoint's recipe; the checkpoint had {', '.join(changes)}"
+                        " -- pass those overrides to keep its recipe")
         state = payload["state"]
         for name, comp in self.components().items():
             if name == "guard" and name not in state:

@@ -24,7 +24,9 @@ from dgan.checkpoint import (
     Checkpointer,
     load_checkpoint,
 )
-from dgan.resume_state import capture_rng_state, check_compatible, load_state_dict_strict, restore_rng_state
+from dgan.config import with_legacy_defaults
+from dgan.resume_state import (capture_rng_state, check_compatible, load_state_dict_strict, recipe_changes,
+                               restore_rng_state)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,6 +273,16 @@ def test_check_compatible_lists_every_mismatch() -> None:
     assert "--config runs/<run>/config.yaml" in msg and "model.encoder=resnet34 model.image_size=32" in msg
     assert "\n" not in msg
     check_compatible(saved, saved, keys)  # identical configs pass silently
+
+
+def test_recipe_changes_names_each_changed_recipe_key_but_not_run_control() -> None:
+    # a checkpoint from before gan.fakes existed: it meant recon, and the current default is samples
+    saved = with_legacy_defaults({"gan": {"adv_weight": 0.3},
+                                  "train": {"total_kimg": 10, "lr_g": 1e-3, "betas_g": [0.9, 0.999]}})
+    current = {"gan": {"adv_weight": 0.3, "fakes": "samples", "sigma": 0.05},
+               "train": {"total_kimg": 20, "lr_g": 5e-4, "betas_g": (0.9, 0.999)}, "log": {"every_steps": 5}}
+    assert recipe_changes(saved, current) == ["gan.fakes=recon (now samples)", "train.lr_g=0.001 (now 0.0005)"]
+    assert recipe_changes(saved, saved) == []
 
 
 def test_load_state_dict_strict_names_component_and_file(tmp_path: Path) -> None:

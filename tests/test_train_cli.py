@@ -40,8 +40,9 @@ def test_quick_start_leaves_a_complete_run_dir(tmp_path):
         assert key in r.stdout, key  # the status line carries the MLflow keys
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGUSR1, 75), (signal.SIGINT, 130)])
-def test_signal_saves_a_checkpoint_and_exits_with_the_documented_code(tmp_path, sig, code):
+# The SIGINT relaunch also lowers lr_g: a resume may change the recipe, and says so in one line.
+@pytest.mark.parametrize("sig, code, change", [(signal.SIGUSR1, 75, ()), (signal.SIGINT, 130, ("train.lr_g=0.0005",))])
+def test_signal_saves_a_checkpoint_and_exits_with_the_documented_code(tmp_path, sig, code, change):
     cmd = [sys.executable, "-m", "dgan.train", *TINY_RUN, f"log.root={tmp_path}", "log.run_name=sig",
            f"data.cache_dir={tmp_path / '.cache'}", "train.total_kimg=100", "log.every_steps=1"]
     proc = start_cli(cmd)
@@ -59,9 +60,14 @@ def test_signal_saves_a_checkpoint_and_exits_with_the_documented_code(tmp_path, 
     step = load_checkpoint(ckpts[0])["state"]["trainer"]["step"]
     assert 3 <= step < 50
     # a relaunch resumes from it
-    r = run_train(tmp_path, "log.run_name=sig", f"train.total_kimg={(step + 2) * 4 / 1000}", "--resume", "auto")
+    r = run_train(tmp_path, "log.run_name=sig", f"train.total_kimg={(step + 2) * 4 / 1000}", "--resume", "auto", *change)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {step}" in r.stdout
+    warnings = [line for line in r.stdout.splitlines() if "changes the checkpoint's recipe" in line]
+    # a longer total_kimg is not a recipe change; the lower lr is, named with the override that undoes it
+    assert warnings == ([] if not change else
+                        ["warning: this resume changes the checkpoint's recipe; the checkpoint had "
+                         "train.lr_g=0.001 (now 0.0005) -- pass those overrides to keep its recipe"]), r.stdout[-2000:]
 
 
 def test_bad_checkpoint_architecture_is_a_one_line_error(tmp_path):
