@@ -3,10 +3,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import dgan  # noqa: F401 - sets the offline environment (HF hub, albumentations) for every test
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the tests' MLflow stores phone nowhere
+
+# Under pytest-xdist (pyproject's addopts) two workers share the two cores: one torch thread each,
+# since OpenMP threads spinning across processes cost more than they gain (the CLIs the tests start
+# run with one thread for the same reason, cli_helpers.cli_env).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"

@@ -21,7 +21,7 @@ from dgan.data.synthetic import make_phantoms
 pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 
 NUM_IMAGES = 256
-STEPS = 300
+STEPS = 200
 BATCH = 16
 
 

@@ -15,7 +15,7 @@ from dgan.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # subprocess CLIs or training runs: not in the fast lane
 
-STEPS = 160
+STEPS = 120
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ SR = ["model.task=sr", "model.sr_scale=4", "train.device=cpu"]
 # the same model took ~6 kimg just to draw level with bicubic.
 LEARN_KIMG = 2.0
 LEARN = ["train.batch_size=8", "data.num_images=256", "diffusion.beta_end=0.002", "train.lr_g=2e-3",
-         "train.warmup_kimg=0.1", "train.threads=2",
+         "train.warmup_kimg=0.1",
          "log.num_samples=4", "log.sample_steps=5", "log.every_steps=50",
          "eval.every_kimg=1", "eval.metrics=[psnr,ssim]", "eval.num_samples=8", "eval.steps=5",
          "eval.best_metric=sr_psnr", "eval.best_mode=max"]
