@@ -2,6 +2,7 @@
 
     python benchmarks/step_cost.py                      # UNet++ ResNet34, 64 px, batch 8 (the seed setup)
     python benchmarks/step_cost.py --preset quickstart  # the CPU quick-start model
+    python benchmarks/step_cost.py --preset pneumonia32-narrow --preset pneumonia32  # and their step times
 
 Both step kinds are measured in ONE process, interleaved round by round, so that machine
 load affects them alike; the ratio of medians is what we report. The pure-diffusion step is
@@ -30,6 +31,9 @@ PRESETS = {
                "model.image_size=64",
                "train.batch_size=8"],
     "quickstart": [],  # configs/default.yaml as shipped
+    # pneumonia32's generator (the quick start's model at batch 64), with the old and the wide decoder
+    "pneumonia32-narrow": ["train.batch_size=64", "model.decoder_channels=[64,32,16,16]"],
+    "pneumonia32": ["train.batch_size=64", "model.decoder_channels=[128,64,32,32]"],
 }
 
 
@@ -71,15 +75,20 @@ def measure(preset: str, rounds: int, reps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="seed64")
+    p.add_argument("--preset", choices=sorted(PRESETS), action="append",
+                   help="repeatable: each is measured in turn, and step times are compared with the first's")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reps", type=int, default=16, help="steps per timed block (16 = one R1 period)")
     args = p.parse_args()
-    r = measure(args.preset, args.rounds, args.reps)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{r['preset']}: {r['encoder']} {r['px']}px batch {r['batch']}: hybrid {r['hybrid_ms']:.0f} ms, "
-          f"diffusion {r['diffusion_ms']:.0f} ms, ratio {r['ratio']:.3f} (target <= 1.15)")
+    first = None
+    for preset in args.preset or ["seed64"]:
+        r = measure(preset, args.rounds, args.reps)
+        first = first or r
+        print(f"{r['preset']}: {r['encoder']} {r['px']}px batch {r['batch']}: hybrid {r['hybrid_ms']:.0f} ms, "
+              f"diffusion {r['diffusion_ms']:.0f} ms, ratio {r['ratio']:.3f} (target <= 1.15); hybrid step "
+              f"{r['hybrid_ms'] / first['hybrid_ms']:.2f}x {first['preset']}'s", flush=True)
 
 
 if __name__ == "__main__":
