@@ -241,9 +241,9 @@ class Trainer:
         # A different SR scale is a different task even though the weights would load.
         keys = ARCH_KEYS + (["model.sr_scale"] if cfg.model.task == "sr" else [])
         run_config = home_of(path) / "config.yaml"  # still the run's own: nothing is written before this check
-        saved = with_legacy_defaults(payload["metadata"]["config"])
-        check_compatible(saved, to_dict(cfg), keys, str(run_config) if run_config.is_file() else "runs/<run>/config.yaml")
-        changes = recipe_changes(saved, to_dict(cfg))
+        saved, current = with_legacy_defaults(payload["metadata"]["config"]), to_dict(cfg)
+        check_compatible(saved, current, keys, str(run_config) if run_config.is_file() else "runs/<run>/config.yaml")
+        changes = recipe_changes(saved, current)
         if changes:
             dist.print0(f"warning: this resume changes the checkpoint's recipe; the checkpoint had {', '.join(changes)}"
                         " -- pass those overrides to keep its recipe")
