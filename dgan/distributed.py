@@ -76,6 +76,14 @@ def print0(*args, **kwargs) -> None:
         sys.stdout.flush()
 
 
+def print_rank(message: str) -> None:
+    """One line on stderr from every rank, tagged with the rank. One write call, not print():
+    print writes the text and its newline separately, and the ranks of a torchrun job share one
+    pipe, so two ranks' lines ran together ("...exit code 75[rank 0] stopped...")."""
+    sys.stderr.write(f"[rank {get_rank()}] {message}\n")
+    sys.stderr.flush()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -8,7 +8,6 @@ SIGKILL; those run through `StopFlag.run_phase`, which aborts them at once.
 from __future__ import annotations
 
 import signal
-import sys
 from typing import Callable, Optional, TypeVar
 
 from dgan import distributed as dist
@@ -40,8 +39,7 @@ class StopFlag:
         if self.signum is None:
             self.signum = signum
             then = "stopping the current phase to save" if self._armed else "saving at the next step boundary"
-            print(f"[rank {dist.get_rank()}] received {signal.Signals(signum).name}; {then} a checkpoint",
-                  file=sys.stderr, flush=True)
+            dist.print_rank(f"received {signal.Signals(signum).name}; {then} a checkpoint")
         if self._armed:
             self._armed = False  # disarm first: a second signal must not raise again
             raise PhaseInterrupted(signal.Signals(signum).name)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -358,6 +357,5 @@ class Trainer:
 def report_stop(state: TrainState, run_dir: Path, exit_code: int) -> None:
     # Every rank says how it ends: under torchrun this is the only record of the workers'
     # exit codes, since the agent reports its own (1) after handling a signal.
-    print(f"[rank {dist.get_rank()}] stopped at step {state.step} with a checkpoint; exit code {exit_code}",
-          file=sys.stderr, flush=True)
+    dist.print_rank(f"stopped at step {state.step} with a checkpoint; exit code {exit_code}")
     dist.print0(f"stopped at step {state.step}; resume with --resume auto log.run_name={run_dir.name}")
