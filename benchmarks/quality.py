@@ -6,6 +6,7 @@ budget on the same data and machine, one after another, and scored in one featur
     python benchmarks/quality.py --arms hybrid,diffusion --seed 3 --minutes 6
     python benchmarks/quality.py --arms base,v --arm "base:diffusion.prediction=eps" --arm v: --minutes 4
     python benchmarks/quality.py --preset gpu --device cuda   # a fixed 400 kimg per dgan arm
+    bash benchmarks/quality_gpu.sh runs/qgpu 520 0,1,2 3,4   # the gpu preset, several seeds at once
 
 Arms: `hybrid`, `diffusion` and `peer` are built in; `--arm "NAME:key=value key=value"` adds a dgan
 arm with its own config overrides (an ablation), and `--set` applies to every dgan arm.
@@ -20,7 +21,7 @@ Phases (each reads what the previous wrote under --out, so they can run on diffe
            dgan arms use the Trainer's own build, step and D-health guard on the training
            part held in memory; the peer is benchmarks/peer_ddpm.py. Saves each arm's EMA weights.
   sample   DDIM 10 and 50 (and DDPM 1000 with --ddpm) from each arm's EMA weights, from the same
-           per-sample seeded noise for every arm, as float16; a grid of the first 64 per arm.
+           per-sample seeded noise for every arm, as uint8 (what is scored); a grid of the first 64 per arm.
   score    FID and KID in the domain extractor's feature space, FRD when the `frd` extra is
            installed, and the blob rate, against the held-out reference; real-vs-real floors.
            Writes results.json, prints the Markdown table and the dgan/peer ratios.
@@ -258,6 +259,7 @@ def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, step
 
 def phase_sample(args: argparse.Namespace, out: Path) -> None:
     from dgan.generation import save_grid
+    from dgan.pixels import to_uint8
 
     p = PRESETS[args.preset]
     for arm in args.arms:
@@ -265,9 +267,9 @@ def phase_sample(args: argparse.Namespace, out: Path) -> None:
             n = p["ddpm_samples"] if sampler == "ddpm" else p["samples"]
             clock = time.perf_counter()
             x = sample_arm(args, out, arm, sampler, steps, n)
-            # float16 here, uint8 when scored: this phase must not need torch-fidelity (the GPU
-            # machine lacks it); fp16 keeps ~11 bits, far more than the 8 that are scored.
-            torch.save(x.half(), out / f"samples-{arm}-{sampler}{steps}.pt")
+            # uint8, exactly what is scored (half fp16's bytes, so a GPU run's samples travel back);
+            # dgan.pixels, not dgan.metrics: this phase must not need torch-fidelity.
+            torch.save(to_uint8(x), out / f"samples-{arm}-{sampler}{steps}.pt")
             save_grid(x[:64], out / f"grid-{arm}-{sampler}{steps}.png", nrow=8)
             print(f"sample: {arm} {sampler}{steps}: {n} images in {time.perf_counter() - clock:.0f} s", flush=True)
 
@@ -326,7 +328,8 @@ def phase_score(args: argparse.Namespace, out: Path) -> dict:
         results["arms"][arm] = {k: info[k] for k in ("kimg", "train_s", "overrides", "t_adapt", "guard_events")
                                 if k in info}
         for sampler, steps in samplings(args):
-            fake = to_uint8(torch.load(out / f"samples-{arm}-{sampler}{steps}.pt", weights_only=True))
+            fake = torch.load(out / f"samples-{arm}-{sampler}{steps}.pt", weights_only=True)
+            fake = fake if fake.dtype == torch.uint8 else to_uint8(fake)  # float16 before 2026-12-04
             results["runs"].setdefault(arm, {})[f"{sampler}{steps}"] = score_set(real, fake, extractor, frd_samples)
             print(f"score: {arm} {sampler}{steps}: {results['runs'][arm][f'{sampler}{steps}']}", flush=True)
     results["peer_ratios"] = peer_ratios(results)
