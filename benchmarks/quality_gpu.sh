@@ -18,8 +18,9 @@ start_s=$SECONDS
 wave_s=0
 py=${PYTHON:-python3}
 export OMP_NUM_THREADS=2  # ten processes on 16 cores; the GPU does the arithmetic
+arms=${ARMS:-hybrid,diffusion}  # e.g. ARMS=strong EXTRA="--arm strong:gan.adv_weight=1.0"
 # shellcheck disable=SC2206  # EXTRA is split into words on purpose
-common=(--preset "${PRESET:-gpu}" --device "${DEVICE:-cuda}" --arms "hybrid,diffusion" --no-frd ${EXTRA:-})
+common=(--preset "${PRESET:-gpu}" --device "${DEVICE:-cuda}" --arms "$arms" --no-frd ${EXTRA:-})
 for wave in "$@"; do
     if ((SECONDS - start_s + wave_s > deadline_s)); then
         echo "skip wave $wave: the last one took ${wave_s} s, ${deadline_s} s budget" && continue
@@ -27,7 +28,7 @@ for wave in "$@"; do
     wave_start_s=$SECONDS
     seeds=${wave//,/ }
     for seed in $seeds; do
-        for arm in hybrid diffusion; do
+        for arm in ${arms//,/ }; do
             "$py" benchmarks/quality.py --phase _train_one --only "$arm" --seed "$seed" --out "$root/q$seed" \
                 "${common[@]}" >"$root/q$seed/train-$arm.log" 2>&1 &
         done
