@@ -6,7 +6,7 @@ budget on the same data and machine, one after another, and scored in one featur
     python benchmarks/quality.py --arms hybrid,diffusion --seed 3 --minutes 6
     python benchmarks/quality.py --arms base,v --arm "base:diffusion.prediction=eps" --arm v: --minutes 4
     python benchmarks/quality.py --preset gpu --device cuda   # a fixed 400 kimg per dgan arm
-    bash benchmarks/quality_gpu.sh runs/qgpu 520 0,1,2 3,4   # the gpu preset, several seeds at once
+    bash benchmarks/quality_gpu.sh runs/qgpu 540 0,1,2 3,4   # the gpu preset, several seeds at once
 
 Arms: `hybrid`, `diffusion` and `peer` are built in; `--arm "NAME:key=value key=value"` adds a dgan
 arm with its own config overrides (an ablation), and `--set` applies to every dgan arm.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # quality.py's gpu preset (400 kimg per arm at batch 128, 2000 samples) for several seeds on one GPU:
-# hybrid and pure diffusion of every seed in a wave train as parallel processes, because at 32 px one
+# the arms of every seed in a wave (hybrid and pure diffusion, or ARMS) train as parallel processes: at 32 px one
 # process keeps the GPU mostly idle (its step is bound by kernel launches, RESULTS.md "GPU training
 # throughput"); then each seed samples and scores. The prepare phase must have run already, on the
 # CPU machine, under ROOT/qSEED (its extractor and held-out split are then the CPU-trained ones).
@@ -17,6 +17,7 @@ shift 2
 start_s=$SECONDS
 wave_s=0
 py=${PYTHON:-python3}
+copy_to=${COPY_TO:+$(cd "$COPY_TO" && pwd)}  # absolute: the copy runs from inside each seed's folder
 export OMP_NUM_THREADS=2  # ten processes on 16 cores; the GPU does the arithmetic
 arms=${ARMS:-hybrid,diffusion}  # e.g. ARMS=strong EXTRA="--arm strong:gan.adv_weight=1.0"
 # shellcheck disable=SC2206  # EXTRA is split into words on purpose
@@ -39,7 +40,7 @@ for wave in "$@"; do
             "$py" benchmarks/quality.py --phase sample --seed "$seed" --out "$root/q$seed" "${common[@]}" &&
                 "$py" benchmarks/quality.py --phase score --seed "$seed" --out "$root/q$seed" "${common[@]}"
             cd "$root/q$seed" && tar cf "../seed$seed.tar" ./*.log ./*.png ./samples-*.pt ./results.json
-            if [[ -n ${COPY_TO:-} ]]; then cp "../seed$seed.tar" "$COPY_TO/"; fi  # as each seed ends: a timeout keeps it
+            if [[ -n $copy_to ]]; then cp "../seed$seed.tar" "$copy_to/"; fi  # as each seed ends: a timeout keeps it
         ) >"$root/q$seed/score.log" 2>&1 &
     done
     wait
