@@ -20,8 +20,9 @@ Phases (each reads what the previous wrote under --out, so they can run on diffe
            horizon; the run then stops at that step count or at the budget, whichever comes first.
            dgan arms use the Trainer's own build, step and D-health guard on the training
            part held in memory; the peer is benchmarks/peer_ddpm.py. Saves each arm's EMA weights.
-  sample   DDIM 10 and 50 (and DDPM 1000 with --ddpm) from each arm's EMA weights, from the same
-           per-sample seeded noise for every arm, as uint8 (what is scored); a grid of the first 64 per arm.
+  sample   DDIM 10 and 50 (and DPM-Solver++ 10 with --dpm, DDPM 1000 with --ddpm) from each arm's EMA
+           weights, from the same per-sample seeded noise for every arm, as uint8 (what is scored); a
+           grid of the first 64 per arm.
   score    FID and KID in the domain extractor's feature space, FRD when the `frd` extra is
            installed, and the blob rate, against the held-out reference; real-vs-real floors.
            Writes results.json, prints the Markdown table and the dgan/peer ratios.
@@ -68,7 +69,8 @@ PRESETS = {
 
 
 def samplings(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
-    return (("ddim", 10), ("ddim", 50)) + ((("ddpm", 1000),) if args.ddpm else ())
+    return ((("ddim", 10), ("ddim", 50)) + ((("dpmpp2m", 10),) if args.dpm else ())
+            + ((("ddpm", 1000),) if args.ddpm else ()))
 
 
 def run_config(args: argparse.Namespace, arm: str, kimg: float | None = None):
@@ -244,7 +246,7 @@ def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, step
     state = torch.load(out / f"{arm}.pt", weights_only=True)
     if arm == PEER:
         if sampler != "ddim":
-            raise SystemExit("the peer arm samples with DDIM only (its recipe); drop --ddpm or the peer arm")
+            raise SystemExit("the peer arm samples with DDIM only (its recipe); drop --ddpm/--dpm or the peer arm")
         x_T = initial_noise(range(n), args.seed, (1, 32, 32)).to(args.device)
         return peer_ddpm.sample_peer(state["ema"], x_T, steps)
     cfg = run_config(args, arm)
@@ -376,7 +378,7 @@ def parse_arm(spec: str) -> tuple[str, list[str]]:
     name, _, rest = spec.partition(":")
     if not name or name == PEER:
         raise argparse.ArgumentTypeError(f"--arm {spec!r}: expected 'NAME:key=value ...' with NAME not '{PEER}'")
-    return name, rest.split()
+    return name, rest.replace(";", " ").split()  # ';' too: quality_gpu.sh's EXTRA is split at spaces
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -393,10 +395,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--set", action="append", default=[], help="a config override for every dgan arm (repeatable)")
-    p.add_argument("--arm", action="append", default=[], help="'NAME:key=value ...': a dgan arm with overrides")
+    p.add_argument("--arm", action="append", default=[],
+                   help="'NAME:key=value ...' (or key=value;key=value): a dgan arm with overrides")
     p.add_argument("--arms", type=lambda s: s.split(","), default=["hybrid", "diffusion", PEER],
                    help="which arms, in order (default hybrid,diffusion,peer)")
     p.add_argument("--ddpm", action="store_true", help="also sample DDPM 1000 (dgan arms only; slow on a CPU)")
+    p.add_argument("--dpm", action="store_true", help="also sample DPM-Solver++(2M) 10 (dgan arms only)")
     p.add_argument("--no-frd", action="store_true", help="skip FRD even when the extra is installed")
     p.add_argument("--frd-samples", type=int, default=1000, help="samples per set scored by FRD (it is slow)")
     args = p.parse_args(argv)

@@ -19,7 +19,8 @@ wave_s=0
 py=${PYTHON:-python3}
 copy_to=${COPY_TO:+$(cd "$COPY_TO" && pwd)}  # absolute: the copy runs from inside each seed's folder
 export OMP_NUM_THREADS=2  # ten processes on 16 cores; the GPU does the arithmetic
-arms=${ARMS:-hybrid,diffusion}  # e.g. ARMS=strong EXTRA="--arm strong:gan.adv_weight=1.0"
+# e.g. ARMS=strong EXTRA="--arm strong:gan.adv_weight=1.0;gan.adv_t_max=300" (';' between an arm's overrides)
+arms=${ARMS:-hybrid,diffusion}
 # shellcheck disable=SC2206  # EXTRA is split into words on purpose
 common=(--preset "${PRESET:-gpu}" --device "${DEVICE:-cuda}" --arms "$arms" --no-frd ${EXTRA:-})
 for wave in "$@"; do
