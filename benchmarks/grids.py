@@ -4,7 +4,8 @@
         --out benchmarks/quality-grids.png
 
 `real` is the first 64 held-out reference images of the run's data.pt; the others are the
-grid-ARM-SAMPLING.png files that benchmarks/quality.py's sample phase wrote.
+grid-ARM-SAMPLING.png files that benchmarks/quality.py's sample phase wrote. `ARM@SAMPLING` gives
+one panel its own sampling (`--arms real,diffusion@ddim50,hybrid@dpmpp2m10`).
 """
 from __future__ import annotations
 
@@ -36,13 +37,14 @@ def main(argv=None) -> None:
     p.add_argument("--sampling", default="ddim50")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    grids = [load_grid(args.run, arm, args.sampling) for arm in args.arms]
+    panels = [(arm.partition("@")[0], arm.partition("@")[2] or args.sampling) for arm in args.arms]
+    grids = [load_grid(args.run, arm, sampling) for arm, sampling in panels]
     w, h = grids[0].size
     sheet = Image.new("L", (len(grids) * (w + GAP_PX) - GAP_PX, h + LABEL_PX), 255)
     draw = ImageDraw.Draw(sheet)
-    for i, (arm, grid) in enumerate(zip(args.arms, grids)):
+    for i, ((arm, sampling), grid) in enumerate(zip(panels, grids)):
         sheet.paste(grid, (i * (w + GAP_PX), LABEL_PX))
-        draw.text((i * (w + GAP_PX) + 2, 1), arm if arm == "real" else f"{arm} {args.sampling}", fill=0)
+        draw.text((i * (w + GAP_PX) + 2, 1), arm if arm == "real" else f"{arm} {sampling}", fill=0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out, optimize=True)
     print(f"wrote {args.out} ({sheet.size[0]}x{sheet.size[1]} px)")
