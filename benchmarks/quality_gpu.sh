@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # quality.py's gpu preset (400 kimg per arm at batch 128, 2000 samples) for several seeds on one GPU:
-# the arms of every seed in a wave (hybrid and pure diffusion, or ARMS) train as parallel processes: at 32 px one
-# process keeps the GPU mostly idle (its step is bound by kernel launches, RESULTS.md "GPU training
+# the arms of every seed in a wave (hybrid and pure diffusion, or ARMS) train as parallel processes:
+# at 32 px one process keeps the GPU mostly idle (its step is bound by kernel launches, RESULTS.md "GPU training
 # throughput"); then each seed samples and scores. The prepare phase must have run already, on the
 # CPU machine, under ROOT/qSEED (its extractor and held-out split are then the CPU-trained ones).
 #
