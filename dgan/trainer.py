@@ -197,7 +197,9 @@ class Trainer:
         Returns detached metric tensors (no host sync)."""
         tr, state = self.tr, self.state
         metrics = train_step(tr, self.cfg, micro, state.step)
-        for sched in self.scheds:
+        # pure diffusion never steps D's optimizer, and stepping its schedule anyway only makes torch
+        # warn; a resume re-derives both schedules from images_seen (rederive_lr_schedules)
+        for sched in self.scheds if self.cfg.gan.adv_weight > 0 else self.scheds[:1]:
             sched.step()
         state.step, state.images_seen = state.step + 1, state.images_seen + self.global_batch
         dist.broadcast_buffers(tr.G_raw, tr.D_raw)  # BatchNorm statistics, if any: one EMA on all ranks

@@ -1,6 +1,7 @@
 """The D-health guard (issue 10): a runaway D is detected from the reduced interval statistics,
 rolled back to its last healthy state with a lower lr_d, and the run recovers."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -52,6 +53,20 @@ def test_runaway_restores_the_last_healthy_d_and_lowers_lr_d(tiny_overrides):
 def test_guard_is_off_for_pure_diffusion(tiny_overrides):
     cfg, tr, _, scheds = build(tiny_overrides, "gan.adv_weight=0")
     assert DHealthGuard(cfg.gan, tr, scheds[1]).check({"L_D": 1e6}, step=5) is None
+
+
+def test_pure_diffusion_steps_without_lr_scheduler_warnings(tmp_path, tiny_overrides):
+    # D's optimizer never steps without the term; stepping its schedule made torch warn on every run
+    cfg = load_config(None, tiny_overrides + ["gan.adv_weight=0", "train.batch_size=4", "data.num_images=8",
+                                              f"data.cache_dir={tmp_path / 'cache'}", "train.device=cpu"])
+    trainer = Trainer.build(cfg, torch.device("cpu"))
+    x, y = next(iter(trainer.data.epoch(0)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            trainer.step([(x, y)])
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)], [str(w.message) for w in caught]
+    assert trainer.scheds[0].last_epoch == 2 and trainer.state.step == 2
 
 
 def run(tmp_path, tiny_overrides, guard_on: bool, steps: int = 60, blow_up_at: int = 30, every: int = 10):
