@@ -69,8 +69,8 @@ class DiffusionConfig:
 @dataclass
 class GanConfig:
     # The adversarial share: with adv_balance (default) a ratio of gradient norms per fake, else a loss
-    # weight (L_G = L_diff + adv_weight * L_adv); 0 = pure diffusion, D untrained. 0.3 beat 0.1 (recon
-    # fakes), and 1.0 and 2.0 with samples fakes (benchmarks/RESULTS.md, "A stronger push")
+    # weight (L_G = L_diff + adv_weight * L_adv); 0 = pure diffusion, D untrained. 0.3 beat 0.1, 1.0 and
+    # 2.0 at 28 kimg; pneumonia32 sets 1.0 with adv_t_max 300, which won at 100 and 400 kimg (RESULTS.md).
     adv_weight: float = 0.3
     # Fakes only from x0_hat where t <= adv_t_max: large-t reconstructions are blurry means that D
     # tells apart at once and then overpowers G. benchmarks/quality.py (PneumoniaMNIST, seed 0): at
