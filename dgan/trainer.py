@@ -192,14 +192,18 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
+    def live_scheds(self) -> list:
+        """The lr schedules whose optimizers step. Pure diffusion never steps D's optimizer, and
+        stepping its schedule anyway made torch warn; D's schedule stays at its start, as D does, so
+        a pure-diffusion run resumed with the term on the same world size warms D up from scratch."""
+        return self.scheds if self.cfg.gan.adv_weight > 0 else self.scheds[:1]
+
     def step(self, micro: list) -> dict[str, torch.Tensor]:
         """On every rank: the hybrid G/D step, the lr schedules, EMA of G, the adaptive diffusion length.
         Returns detached metric tensors (no host sync)."""
         tr, state = self.tr, self.state
         metrics = train_step(tr, self.cfg, micro, state.step)
-        # pure diffusion never steps D's optimizer, and stepping its schedule anyway only makes torch
-        # warn; a resume re-derives both schedules from images_seen (rederive_lr_schedules)
-        for sched in self.scheds if self.cfg.gan.adv_weight > 0 else self.scheds[:1]:
+        for sched in self.live_scheds():
             sched.step()
         state.step, state.images_seen = state.step + 1, state.images_seen + self.global_batch
         dist.broadcast_buffers(tr.G_raw, tr.D_raw)  # BatchNorm statistics, if any: one EMA on all ranks
@@ -272,7 +276,7 @@ class Trainer:
         dist.print0(f"warning: checkpoint was written with world size {saved_world}, now "
                     f"{dist.get_world_size()}; RNG streams are re-seeded, the data position re-derived")
         seed_everything(self.cfg.train.seed + 7919 * self.state.step)
-        rederive_lr_schedules(self.scheds, self.state.images_seen, self.cfg)
+        rederive_lr_schedules(self.live_scheds(), self.state.images_seen, self.cfg)
 
     # -- the loop ----------------------------------------------------------------------------
 
