@@ -53,8 +53,12 @@ def main(argv=None) -> None:
         seeds = sorted(set(a) & set(b))
         wins = sum(a[s] < b[s] for s in seeds)
         ma, mb = statistics.mean(a[s] for s in seeds), statistics.mean(b[s] for s in seeds)
+        # the per-seed change's standard error says whether the mean change stands out of seed noise
+        change = [a[s] / b[s] - 1 for s in seeds]
+        se = statistics.stdev(change) / len(change) ** 0.5 if len(change) > 1 else float("nan")
         print(f"{k}: {args.a} better on {wins}/{len(seeds)} seeds; mean FID {ma:.3f} vs {mb:.3f} "
-              f"({(1 - ma / mb) * 100:+.1f}% lower)")
+              f"({(ma / mb - 1) * 100:+.1f}%; per-seed change {statistics.mean(change) * 100:+.1f}%, "
+              f"standard error {se * 100:.1f}%)")
     if ("ddim10" in keys) and ("ddim50" in keys):
         seeds = sorted(set(fids[(args.a, "ddim10")]) & set(fids[(args.b, "ddim50")]))
         ma = statistics.mean(fids[(args.a, "ddim10")][s] for s in seeds)
