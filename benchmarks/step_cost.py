@@ -3,6 +3,7 @@
     python benchmarks/step_cost.py                      # UNet++ ResNet34, 64 px, batch 8 (the seed setup)
     python benchmarks/step_cost.py --preset quickstart  # the CPU quick-start model
     python benchmarks/step_cost.py --preset pneumonia32-narrow --preset pneumonia32  # and their step times
+    python benchmarks/step_cost.py --preset pneumonia32 --set gan.self_fake_every=4  # one setting changed
 
 Both step kinds are measured in ONE process, interleaved round by round, so that machine
 load affects them alike; the ratio of medians is what we report. The pure-diffusion step is
@@ -26,14 +27,16 @@ from dgan.losses import diffusion_loss  # noqa: E402
 from dgan.step import Trainables, train_step  # noqa: E402
 from dgan.trainer import build_trainables  # noqa: E402
 
+# name -> (config file, overrides)
 PRESETS = {
-    "seed64": ["model.encoder=resnet34", "model.encoder_depth=5", "model.decoder_channels=[256,128,64,32,16]",
-               "model.image_size=64",
-               "train.batch_size=8"],
-    "quickstart": [],  # configs/default.yaml as shipped
-    # pneumonia32's generator (the quick start's model at batch 64), with the old and the wide decoder
-    "pneumonia32-narrow": ["train.batch_size=64", "model.decoder_channels=[64,32,16,16]"],
-    "pneumonia32": ["train.batch_size=64", "model.decoder_channels=[128,64,32,32]"],
+    "seed64": ("configs/default.yaml", ["model.encoder=resnet34", "model.encoder_depth=5",
+                                        "model.decoder_channels=[256,128,64,32,16]", "model.image_size=64",
+                                        "train.batch_size=8"]),
+    "quickstart": ("configs/default.yaml", []),  # as shipped
+    # configs/pneumonia32.yaml as shipped (its wide decoder and its gan block), and with the old
+    # narrow decoder. Before 2026-12-05 these were default.yaml's gan block at pneumonia32's widths.
+    "pneumonia32": ("configs/pneumonia32.yaml", []),
+    "pneumonia32-narrow": ("configs/pneumonia32.yaml", ["model.decoder_channels=[64,32,16,16]"]),
 }
 
 
@@ -47,8 +50,9 @@ def diffusion_step(tr: Trainables, x0: torch.Tensor, clip: float) -> None:
     tr.opt_g.step()
 
 
-def measure(preset: str, rounds: int, reps: int) -> dict:
-    cfg = load_config("configs/default.yaml", PRESETS[preset] + ["train.device=cpu"])
+def measure(preset: str, rounds: int, reps: int, extra: list[str]) -> dict:
+    path, overrides = PRESETS[preset]
+    cfg = load_config(path, overrides + extra + ["train.device=cpu"])
     torch.manual_seed(0)
     tr, _, _ = build_trainables(cfg, torch.device("cpu"))
     s = cfg.model.image_size
@@ -79,12 +83,14 @@ def main() -> None:
                    help="repeatable: each is measured in turn, and step times are compared with the first's")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reps", type=int, default=16, help="steps per timed block (16 = one R1 period)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="repeatable: a config override for every preset, e.g. --set gan.self_fake_every=2")
     args = p.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     first = None
     for preset in args.preset or ["seed64"]:
-        r = measure(preset, args.rounds, args.reps)
+        r = measure(preset, args.rounds, args.reps, args.set)
         first = first or r
         print(f"{r['preset']}: {r['encoder']} {r['px']}px batch {r['batch']}: hybrid {r['hybrid_ms']:.0f} ms, "
               f"diffusion {r['diffusion_ms']:.0f} ms, ratio {r['ratio']:.3f} (target <= 1.15); hybrid step "
