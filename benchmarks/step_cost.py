@@ -3,7 +3,7 @@
     python benchmarks/step_cost.py                      # UNet++ ResNet34, 64 px, batch 8 (the seed setup)
     python benchmarks/step_cost.py --preset quickstart  # the CPU quick-start model
     python benchmarks/step_cost.py --preset pneumonia32-narrow --preset pneumonia32  # and their step times
-    python benchmarks/step_cost.py --preset pneumonia32 --set gan.self_fake_every=4  # one setting changed
+    python benchmarks/step_cost.py --preset pneumonia32 --set gan.self_fake_every=2  # one setting changed
 
 Both step kinds are measured in ONE process, interleaved round by round, so that machine
 load affects them alike; the ratio of medians is what we report. The pure-diffusion step is
