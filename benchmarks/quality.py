@@ -9,7 +9,9 @@ budget on the same data and machine, one after another, and scored in one featur
     bash benchmarks/quality_gpu.sh runs/qgpu 540 0,1,2 3,4   # the gpu preset, several seeds at once
 
 Arms: `hybrid`, `diffusion` and `peer` are built in; `--arm "NAME:key=value key=value"` adds a dgan
-arm with its own config overrides (an ablation), and `--set` applies to every dgan arm.
+arm with its own config overrides (an ablation), and `--set` applies to every dgan arm. Each arm's
+ARM.pt records the overrides it trained with; sample and score rebuild it from that record, so they
+take a trained arm without its --arm, and refuse a command whose --arm/--set contradict it.
 
 Phases (each reads what the previous wrote under --out, so they can run on different machines):
   prepare  hold out --holdout images of the npz *train* split as the reference set (the val/test
@@ -25,7 +27,8 @@ Phases (each reads what the previous wrote under --out, so they can run on diffe
            grid of the first 64 per arm.
   score    FID and KID in the domain extractor's feature space, FRD when the `frd` extra is
            installed, and the blob rate, against the held-out reference; real-vs-real floors.
-           Writes results.json, prints the Markdown table and the dgan/peer ratios.
+           Writes results.json (keeping the arms an earlier score command scored and this one
+           did not), prints the Markdown table and the dgan/peer ratios.
 
 Why a domain extractor rather than Inception: Inception weights need a download (offline here),
 and ImageNet features of 32 px grey X-rays are dominated by resizing artefacts. A small CNN trained
@@ -53,6 +56,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_ddpm  # noqa: E402  (benchmarks/ is not a package)
+from quality_score import frd_available, keep_earlier_arms, markdown_table, peer_ratios, score_set  # noqa: E402
 
 # dgan arms: name -> config overrides; "peer" is the diffusers DDPM (peer_ddpm.py). hybrid is the
 # shipped recipe as it stands, so the benchmark follows the defaults (RESULTS.md says whose day ran)
@@ -73,14 +77,15 @@ def samplings(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
             + ((("ddpm", 1000),) if args.ddpm else ()))
 
 
-def run_config(args: argparse.Namespace, arm: str, kimg: float | None = None):
+def run_config(args: argparse.Namespace, overrides: list[str], kimg: float | None = None):
+    """pneumonia32.yaml with the preset's run settings and an arm's `overrides` (run_overrides or
+    trained_overrides)."""
     from dgan.config import load_config
 
     p = PRESETS[args.preset]
-    overrides = [f"train.total_kimg={kimg or args.kimg or p['kimg'] or 1}", f"train.batch_size={p['batch']}",
-                 f"train.seed={args.seed}", f"train.device={args.device}", "log.progress=false",
-                 f"data.path={args.npz}", *args.set, *args.arm_overrides[arm]]
-    return load_config(REPO / "configs" / "pneumonia32.yaml", overrides)
+    run = [f"train.total_kimg={kimg or args.kimg or p['kimg'] or 1}", f"train.batch_size={p['batch']}",
+           f"train.seed={args.seed}", f"train.device={args.device}", "log.progress=false", f"data.path={args.npz}"]
+    return load_config(REPO / "configs" / "pneumonia32.yaml", [*run, *overrides])
 
 
 def budget_minutes(args: argparse.Namespace) -> float | None:
@@ -98,7 +103,7 @@ def phase_prepare(args: argparse.Namespace, out: Path) -> None:
     from dgan.data import build_eval_images
     from dgan.metrics import to_uint8, train_domain_extractor
 
-    cfg = run_config(args, "hybrid")
+    cfg = run_config(args, run_overrides(args, "hybrid"))
     images, labels = build_eval_images(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
                                        split="train")
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))
@@ -150,7 +155,7 @@ def build_dgan_run(args: argparse.Namespace, arm: str, images: torch.Tensor, kim
     """The trainer, built and seeded as dgan.train builds it, fed from the images held in memory."""
     from dgan.trainer import Trainer
 
-    cfg = run_config(args, arm, kimg)
+    cfg = run_config(args, run_overrides(args, arm), kimg)
     device = torch.device(cfg.train.device)
     trainer = Trainer.build(cfg, device, data=False)
     return trainer, batches(images, cfg.train.batch_size, cfg.train.seed, device)
@@ -211,7 +216,24 @@ def train_one(args: argparse.Namespace, out: Path, arm: str) -> None:
 
 
 def run_overrides(args: argparse.Namespace, arm: str) -> list[str]:
+    """The overrides the command gives this arm: --set, then the arm's own."""
     return [*args.set, *args.arm_overrides.get(arm, [])]
+
+
+def trained_overrides(args: argparse.Namespace, out: Path, arm: str) -> list[str]:
+    """The overrides `arm` was trained with, as its ARM.pt under `out` recorded them.
+
+    Why not the command's: a sample or score command that forgot an --arm or --set would rebuild
+    another G or another diffusion, silently where the weights still fit (diffusion.prediction, a
+    gan-only change). An arm the command defines must match what was trained; one it does not
+    define (allowed for sample and score) takes the recorded overrides."""
+    stored = torch.load(out / f"{arm}.pt", weights_only=True).get("overrides")
+    if stored is None:  # an ARM.pt from before the overrides were recorded
+        return run_overrides(args, arm)
+    if arm in args.arm_overrides and run_overrides(args, arm) != stored:
+        raise SystemExit(f"arm {arm} was trained with {stored}, but this command gives it "
+                         f"{run_overrides(args, arm)}: pass the same --arm/--set, or leave its --arm out")
+    return stored
 
 
 def phase_train(args: argparse.Namespace, out: Path) -> None:
@@ -249,7 +271,7 @@ def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, step
             raise SystemExit("the peer arm samples with DDIM only (its recipe); drop --ddpm/--dpm or the peer arm")
         x_T = initial_noise(range(n), args.seed, (1, 32, 32)).to(args.device)
         return peer_ddpm.sample_peer(state["ema"], x_T, steps)
-    cfg = run_config(args, arm)
+    cfg = run_config(args, trained_overrides(args, out, arm))
     device = torch.device(cfg.train.device)
     G, _ = build_models(cfg, device)
     G.load_state_dict(state["ema"])
@@ -274,39 +296,6 @@ def phase_sample(args: argparse.Namespace, out: Path) -> None:
             torch.save(to_uint8(x), out / f"samples-{arm}-{sampler}{steps}.pt")
             save_grid(x[:64], out / f"grid-{arm}-{sampler}{steps}.png", nrow=8)
             print(f"sample: {arm} {sampler}{steps}: {n} images in {time.perf_counter() - clock:.0f} s", flush=True)
-
-
-def detail_energy(images_u8: torch.Tensor) -> torch.Tensor:
-    """Per-image mean squared difference from a 3x3 box blur, in [0, 1] units: high for speckle."""
-    x = images_u8.float() / 255.0
-    blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    return (x - blur).pow(2).flatten(1).mean(1)
-
-
-def score_set(real: torch.Tensor, fake: torch.Tensor, extractor: Path, frd_samples: int) -> dict[str, float]:
-    """FID/KID on all samples; FRD (frd_samples > 0) on the first frd_samples of them: its radiomics
-    extraction costs ~0.1 s per image per core, the reference included, on every call. Blob rate:
-    the share above the reference's 99th-percentile detail energy (about 0.01 for real images)."""
-    from dgan.metrics import fid_kid
-
-    scores = fid_kid(real, fake, extractor_path=extractor, batch_size=256)
-    threshold = torch.quantile(detail_energy(real), 0.99)
-    scores["blob"] = float((detail_energy(fake) > threshold).float().mean())
-    if frd_samples > 0:
-        from dgan.metrics import frd
-
-        scores["frd"] = frd(real, fake[:frd_samples])
-    return scores
-
-
-def frd_available() -> bool:
-    from dgan.metrics import MetricError, require_frd
-
-    try:
-        require_frd()
-    except MetricError:
-        return False
-    return True
 
 
 def phase_score(args: argparse.Namespace, out: Path) -> dict:
@@ -334,44 +323,13 @@ def phase_score(args: argparse.Namespace, out: Path) -> dict:
             fake = fake if fake.dtype == torch.uint8 else to_uint8(fake)  # float16 before 2026-12-04
             results["runs"].setdefault(arm, {})[f"{sampler}{steps}"] = score_set(real, fake, extractor, frd_samples)
             print(f"score: {arm} {sampler}{steps}: {results['runs'][arm][f'{sampler}{steps}']}", flush=True)
-    results["peer_ratios"] = peer_ratios(results)
+    results = keep_earlier_arms(results, out / "results.json")
+    results["peer_ratios"] = peer_ratios(results, PEER)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(markdown_table(results, samplings(args)))
     for line in results["peer_ratios"]:
         print(line)
     return results
-
-
-def peer_ratios(results: dict) -> list[str]:
-    """'ARM/peer FID x.xx, KID y.yy at ddim50' for every dgan arm, when the peer was run."""
-    runs = results["runs"]
-    if PEER not in runs:
-        return []
-    lines = []
-    for arm, by_col in runs.items():
-        for col in (c for c in by_col if c in runs[PEER] and arm != PEER):
-            kid = by_col[col]["kid"] / runs[PEER][col]["kid"] if runs[PEER][col]["kid"] > 0 else float("nan")
-            lines.append(f"ratio {arm}/peer at {col}: FID {by_col[col]['fid'] / runs[PEER][col]['fid']:.3f}, "
-                         f"KID {kid:.3f}")
-    return lines
-
-
-def markdown_table(results: dict, cols_spec) -> str:
-    cols = [f"{s}{n}" for s, n in cols_spec]
-    first = next(iter(results["runs"].values()))
-    keys = [k for k in ("fid", "kid", "frd", "blob") if k in first[cols[0]]]
-    lines = ["| arm | kimg | " + " | ".join(f"{k.upper()} {c}" for k in keys for c in cols) + " |",
-             "|---|---:|" + "---:|" * (len(keys) * len(cols))]
-    for name, by_col in results["runs"].items():
-        kimg = results["arms"].get(name, {}).get("kimg", float("nan"))
-        lines.append(f"| {name} | {kimg:.1f} | " + " | ".join(fmt(by_col[c][k]) for k in keys for c in cols) + " |")
-    for floor, scores in results["floors"].items():
-        lines.append(f"| real {floor} | | " + " | ".join(fmt(scores[k]) for k in keys for _ in cols) + " |")
-    return "\n".join(lines)
-
-
-def fmt(v: float) -> str:
-    return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
 
 
 def parse_arm(spec: str) -> tuple[str, list[str]]:
@@ -405,9 +363,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frd-samples", type=int, default=1000, help="samples per set scored by FRD (it is slow)")
     args = p.parse_args(argv)
     args.arm_overrides = {**ARMS, **dict(parse_arm(spec) for spec in args.arm), PEER: []}
-    unknown = [a for a in args.arms if a not in args.arm_overrides]
+    # sample and score read a trained arm's overrides from its ARM.pt (trained_overrides)
+    trained = args.phase in ("sample", "score")
+    unknown = [a for a in args.arms
+               if a not in args.arm_overrides and not (trained and (args.out / f"{a}.pt").exists())]
     if unknown:
-        p.error(f"unknown arm(s) {unknown}: define them with --arm 'NAME:key=value ...'")
+        p.error(f"unknown arm(s) {unknown}: define them with --arm 'NAME:key=value ...' (sample and score "
+                "also take an arm trained under --out)")
     return args
 
 

@@ -4,7 +4,7 @@ only the grid changes. Reads a benchmarks/quality.py --out folder (its data.pt, 
 
     python benchmarks/spacing.py runs/cmp0 --arms hybrid,diffusion --steps 10,50
     python benchmarks/spacing.py runs/t3x4 --seed 4 --steps 10 --grids quadratic,cubic \
-        --arms h03 --arm "h03:gan.adv_weight=0.3;gan.adv_t_max=100" --refine 500:1000,150:500,0:150
+        --arms h03 --refine 500:1000,150:500,0:150
 
 `--refine LO:HI` adds, per grid, a run whose timesteps in [LO, HI) are replaced by those of the
 100-step quadratic grid: DDIM integrated finely there and coarsely elsewhere, which says how much
@@ -92,16 +92,17 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="the folder's quality.py --seed: its sampling noise")
     p.add_argument("--refine", default="", help="LO:HI,... ranges of t to integrate on the fine grid")
-    p.add_argument("--arm", action="append", default=[], help="an arm's definition, as quality.py takes it")
+    p.add_argument("--arm", action="append", default=[],
+                   help="an arm's definition, as quality.py takes it (optional: ARM.pt records it)")
     args = p.parse_args(argv)
     refine = [tuple(map(int, r.split(":"))) for r in args.refine.split(",") if r]
     data = torch.load(args.out / "data.pt", weights_only=True)
-    defined = [x for spec in args.arm for x in ("--arm", spec)]  # quality.py names unknown arms
-    qargs = quality.parse_args(["--out", str(args.out), "--seed", str(args.seed), "--arms", args.arms,
-                                *defined])
+    defined = [x for spec in args.arm for x in ("--arm", spec)]  # optional: ARM.pt records its overrides
+    qargs = quality.parse_args(["--phase", "sample", "--out", str(args.out), "--seed", str(args.seed),
+                                "--arms", args.arms, *defined])
     print("| arm | steps | grid | timesteps | FID | KID |\n|---|---:|---|---|---:|---:|")
     for arm in args.arms.split(","):
-        cfg = quality.run_config(qargs, arm)
+        cfg = quality.run_config(qargs, quality.trained_overrides(qargs, args.out, arm))
         G, _ = build_models(cfg, torch.device("cpu"))
         G.load_state_dict(torch.load(args.out / f"{arm}.pt", weights_only=True)["ema"])
         for steps in map(int, args.steps.split(",")):

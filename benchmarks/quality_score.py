@@ -1,0 +1,92 @@
+"""benchmarks/quality.py's scoring: FID/KID (and FRD) of one sample set against the held-out
+reference, the blob rate, and the Markdown table and dgan/peer ratios of a results.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def detail_energy(images_u8: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared difference from a 3x3 box blur, in [0, 1] units: high for speckle."""
+    x = images_u8.float() / 255.0
+    blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    return (x - blur).pow(2).flatten(1).mean(1)
+
+
+def score_set(real: torch.Tensor, fake: torch.Tensor, extractor: Path, frd_samples: int) -> dict[str, float]:
+    """FID/KID on all samples; FRD (frd_samples > 0) on the first frd_samples of them: its radiomics
+    extraction costs ~0.1 s per image per core, the reference included, on every call. Blob rate:
+    the share above the reference's 99th-percentile detail energy (about 0.01 for real images)."""
+    from dgan.metrics import fid_kid
+
+    scores = fid_kid(real, fake, extractor_path=extractor, batch_size=256)
+    threshold = torch.quantile(detail_energy(real), 0.99)
+    scores["blob"] = float((detail_energy(fake) > threshold).float().mean())
+    if frd_samples > 0:
+        from dgan.metrics import frd
+
+        scores["frd"] = frd(real, fake[:frd_samples])
+    return scores
+
+
+def frd_available() -> bool:
+    from dgan.metrics import MetricError, require_frd
+
+    try:
+        require_frd()
+    except MetricError:
+        return False
+    return True
+
+
+def peer_ratios(results: dict, peer: str) -> list[str]:
+    """'ARM/peer FID x.xx, KID y.yy at ddim50' for every dgan arm, when the peer was run."""
+    runs = results["runs"]
+    if peer not in runs:
+        return []
+    lines = []
+    for arm, by_col in runs.items():
+        for col in (c for c in by_col if c in runs[peer] and arm != peer):
+            kid = by_col[col]["kid"] / runs[peer][col]["kid"] if runs[peer][col]["kid"] > 0 else float("nan")
+            lines.append(f"ratio {arm}/peer at {col}: FID {by_col[col]['fid'] / runs[peer][col]['fid']:.3f}, "
+                         f"KID {kid:.3f}")
+    return lines
+
+
+def markdown_table(results: dict, cols_spec) -> str:
+    cols = [f"{s}{n}" for s, n in cols_spec]
+    have = {k for by_col in results["runs"].values() for cell in by_col.values() for k in cell}
+    keys = [k for k in ("fid", "kid", "frd", "blob") if k in have]
+    lines = ["| arm | kimg | " + " | ".join(f"{k.upper()} {c}" for k in keys for c in cols) + " |",
+             "|---|---:|" + "---:|" * (len(keys) * len(cols))]
+    for name, by_col in results["runs"].items():
+        kimg = results["arms"].get(name, {}).get("kimg", float("nan"))
+        cells = (fmt(by_col[c][k]) if k in by_col.get(c, {}) else "-" for k in keys for c in cols)
+        lines.append(f"| {name} | {kimg:.1f} | " + " | ".join(cells) + " |")
+    for floor, scores in results["floors"].items():
+        lines.append(f"| real {floor} | | " + " | ".join(fmt(scores[k]) for k in keys for _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def keep_earlier_arms(results: dict, path: Path) -> dict:
+    """`results` with the arms of an earlier results.json at `path` that it did not score again.
+
+    Why: a score command that lists only the new arms would otherwise drop the older arms' scores
+    from the folder's record. They are comparable: the same data.pt, extractor and reference (checked
+    by its size); an earlier file that does not match is kept beside it as results-earlier.json."""
+    if not path.is_file():
+        return results
+    earlier = json.loads(path.read_text())
+    if earlier.get("reference_images") != results["reference_images"]:
+        path.replace(path.with_name("results-earlier.json"))
+        return results
+    for part in ("arms", "runs"):
+        results[part] = {**{a: v for a, v in earlier.get(part, {}).items() if a not in results["runs"]},
+                         **results[part]}
+    return results
+
+
+def fmt(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
