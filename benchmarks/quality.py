@@ -10,8 +10,9 @@ budget on the same data and machine, one after another, and scored in one featur
 
 Arms: `hybrid`, `diffusion` and `peer` are built in; `--arm "NAME:key=value key=value"` adds a dgan
 arm with its own config overrides (an ablation), and `--set` applies to every dgan arm. Each arm's
-ARM.pt records the overrides it trained with; sample and score rebuild it from that record, so they
-take a trained arm without its --arm, and refuse a command whose --arm/--set contradict it.
+ARM.pt records the overrides it trained with: sample (and spacing.py) rebuild the arm from that
+record, sample and score take a trained arm without its --arm, and sample refuses an --arm/--set
+that contradicts the record.
 
 Phases (each reads what the previous wrote under --out, so they can run on different machines):
   prepare  hold out --holdout images of the npz *train* split as the reference set (the val/test
@@ -220,19 +221,20 @@ def run_overrides(args: argparse.Namespace, arm: str) -> list[str]:
     return [*args.set, *args.arm_overrides.get(arm, [])]
 
 
-def trained_overrides(args: argparse.Namespace, out: Path, arm: str) -> list[str]:
-    """The overrides `arm` was trained with, as its ARM.pt under `out` recorded them.
+def trained_overrides(args: argparse.Namespace, arm: str, record: dict) -> list[str]:
+    """The overrides `arm` was trained with, as its ARM.pt (`record`) has them.
 
-    Why not the command's: a sample or score command that forgot an --arm or --set would rebuild
-    another G or another diffusion, silently where the weights still fit (diffusion.prediction, a
-    gan-only change). An arm the command defines must match what was trained; one it does not
-    define (allowed for sample and score) takes the recorded overrides."""
-    stored = torch.load(out / f"{arm}.pt", weights_only=True).get("overrides")
+    Why not the command's: a sample command that forgot an --arm or --set would rebuild another G or
+    another diffusion, silently where the weights still fit (diffusion.prediction, a gan-only
+    change). What the command says explicitly (the arm's --arm, any --set) must match the record;
+    without it, the record is used as it stands (also for a built-in arm whose recipe has moved on)."""
+    stored = record.get("overrides")
     if stored is None:  # an ARM.pt from before the overrides were recorded
         return run_overrides(args, arm)
-    if arm in args.arm_overrides and run_overrides(args, arm) != stored:
-        raise SystemExit(f"arm {arm} was trained with {stored}, but this command gives it "
-                         f"{run_overrides(args, arm)}: pass the same --arm/--set, or leave its --arm out")
+    explicit = arm in args.defined or bool(args.set)
+    if explicit and run_overrides(args, arm) != stored:
+        raise SystemExit(f"arm {arm} was trained with {stored}, but this command gives it {run_overrides(args, arm)}: "
+                         f"leave out --set and --arm {arm}:... (its {arm}.pt records them), or train it again")
     return stored
 
 
@@ -271,7 +273,7 @@ def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, step
             raise SystemExit("the peer arm samples with DDIM only (its recipe); drop --ddpm/--dpm or the peer arm")
         x_T = initial_noise(range(n), args.seed, (1, 32, 32)).to(args.device)
         return peer_ddpm.sample_peer(state["ema"], x_T, steps)
-    cfg = run_config(args, trained_overrides(args, out, arm))
+    cfg = run_config(args, trained_overrides(args, arm, state))
     device = torch.device(cfg.train.device)
     G, _ = build_models(cfg, device)
     G.load_state_dict(state["ema"])
@@ -362,7 +364,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-frd", action="store_true", help="skip FRD even when the extra is installed")
     p.add_argument("--frd-samples", type=int, default=1000, help="samples per set scored by FRD (it is slow)")
     args = p.parse_args(argv)
-    args.arm_overrides = {**ARMS, **dict(parse_arm(spec) for spec in args.arm), PEER: []}
+    args.defined = dict(parse_arm(spec) for spec in args.arm)  # the arms this command defines
+    args.arm_overrides = {**ARMS, **args.defined, PEER: []}
     # sample and score read a trained arm's overrides from its ARM.pt (trained_overrides)
     trained = args.phase in ("sample", "score")
     unknown = [a for a in args.arms

@@ -66,21 +66,27 @@ def markdown_table(results: dict, cols_spec) -> str:
         cells = (fmt(by_col[c][k]) if k in by_col.get(c, {}) else "-" for k in keys for c in cols)
         lines.append(f"| {name} | {kimg:.1f} | " + " | ".join(cells) + " |")
     for floor, scores in results["floors"].items():
-        lines.append(f"| real {floor} | | " + " | ".join(fmt(scores[k]) for k in keys for _ in cols) + " |")
+        lines.append(f"| real {floor} | | " + " | ".join(fmt(scores[k]) if k in scores else "-"
+                                                        for k in keys for _ in cols) + " |")
     return "\n".join(lines)
+
+
+# What makes two score commands' cells comparable, beside the folder's data.pt and extractor
+SCORED_ALIKE = ("preset", "seed", "reference_images", "frd_samples")
 
 
 def keep_earlier_arms(results: dict, path: Path) -> dict:
     """`results` with the arms of an earlier results.json at `path` that it did not score again.
 
     Why: a score command that lists only the new arms would otherwise drop the older arms' scores
-    from the folder's record. They are comparable: the same data.pt, extractor and reference (checked
-    by its size); an earlier file that does not match is kept beside it as results-earlier.json."""
+    from the folder's record. An earlier file scored differently (SCORED_ALIKE) is not mixed in but
+    kept beside it, as the first free results-earlier-N.json."""
     if not path.is_file():
         return results
     earlier = json.loads(path.read_text())
-    if earlier.get("reference_images") != results["reference_images"]:
-        path.replace(path.with_name("results-earlier.json"))
+    if any(earlier.get(k) != results.get(k) for k in SCORED_ALIKE):
+        n = next(i for i in range(1, 10_000) if not path.with_name(f"results-earlier-{i}.json").exists())
+        path.replace(path.with_name(f"results-earlier-{n}.json"))
         return results
     for part in ("arms", "runs"):
         results[part] = {**{a: v for a, v in earlier.get(part, {}).items() if a not in results["runs"]},

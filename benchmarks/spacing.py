@@ -102,9 +102,10 @@ def main(argv=None) -> None:
                                 "--arms", args.arms, *defined])
     print("| arm | steps | grid | timesteps | FID | KID |\n|---|---:|---|---|---:|---:|")
     for arm in args.arms.split(","):
-        cfg = quality.run_config(qargs, quality.trained_overrides(qargs, args.out, arm))
+        record = torch.load(args.out / f"{arm}.pt", weights_only=True)
+        cfg = quality.run_config(qargs, quality.trained_overrides(qargs, arm, record))
         G, _ = build_models(cfg, torch.device("cpu"))
-        G.load_state_dict(torch.load(args.out / f"{arm}.pt", weights_only=True)["ema"])
+        G.load_state_dict(record["ema"])
         for steps in map(int, args.steps.split(",")):
             for label, ts in (r for kind in args.grids.split(",")
                               for r in runs(Diffusion.from_config(cfg.diffusion), kind, steps, refine)):

@@ -1,5 +1,6 @@
-"""benchmarks/quality.py's arm bookkeeping: sample and score rebuild each arm from the overrides it
-was trained with (recorded in its ARM.pt), not from whatever the later command happens to say."""
+"""benchmarks/quality.py's arm bookkeeping: sample rebuilds each arm from the overrides it was
+trained with (recorded in its ARM.pt), not from whatever the later command happens to say, and a
+score of some arms keeps the folder's other scores."""
 import json
 import sys
 from pathlib import Path
@@ -7,23 +8,35 @@ from pathlib import Path
 import pytest
 import torch
 
+from dgan.trainer import build_models
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402  (benchmarks/ is not a package)
 import quality_score  # noqa: E402
 
+NARROW = ["model.decoder_channels=[16,8,8,8]", "diffusion.prediction=eps"]
 
-def save_arm(out: Path, arm: str, overrides: list[str]) -> None:
-    # what train_dgan saves, less the weights, which these checks never load
-    torch.save({"ema": {}, "overrides": overrides, "kimg": 1.0}, out / f"{arm}.pt")
+
+def save_arm(out: Path, arm: str, overrides: list[str], weights: bool = False) -> None:
+    """What train_dgan saves; with `weights`, a real G built from the overrides (untrained)."""
+    ema = {}
+    if weights:
+        args = quality.parse_args(["--out", str(out), "--device", "cpu"])
+        G, _ = build_models(quality.run_config(args, overrides), torch.device("cpu"))
+        ema = G.state_dict()
+    torch.save({"ema": ema, "overrides": overrides, "kimg": 1.0}, out / f"{arm}.pt")
 
 
 def test_an_arm_left_undefined_is_sampled_as_it_was_trained(tmp_path):
-    save_arm(tmp_path, "e2", ["gan.self_fake_every=2", "diffusion.prediction=eps"])
-    for phase in ("sample", "score"):
-        args = quality.parse_args(["--phase", phase, "--out", str(tmp_path), "--arms", "diffusion,e2"])
-    cfg = quality.run_config(args, quality.trained_overrides(args, tmp_path, "e2"))
-    # pneumonia32.yaml says v-prediction and one D step in 4: both come from the record instead
-    assert cfg.gan.self_fake_every == 2 and cfg.diffusion.prediction == "eps"
+    # pneumonia32.yaml's decoder is [128,64,32,32]: these weights load only into the recorded one
+    save_arm(tmp_path, "narrow", NARROW, weights=True)
+    args = quality.parse_args(["--phase", "sample", "--out", str(tmp_path), "--arms", "narrow", "--device", "cpu"])
+    x = quality.sample_arm(args, tmp_path, "narrow", "ddim", 2, 3)
+    assert x.shape == (3, 1, 32, 32) and torch.isfinite(x).all()
+    record = torch.load(tmp_path / "narrow.pt", weights_only=True)
+    cfg = quality.run_config(args, quality.trained_overrides(args, "narrow", record))
+    assert cfg.diffusion.prediction == "eps"  # pneumonia32 says v: the record wins
+    quality.parse_args(["--phase", "score", "--out", str(tmp_path), "--arms", "diffusion,narrow"])  # no error
 
 
 def test_training_still_needs_the_arm_defined(tmp_path, capsys):
@@ -37,20 +50,27 @@ def test_training_still_needs_the_arm_defined(tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_a_command_that_contradicts_the_training_is_refused(tmp_path):
-    save_arm(tmp_path, "hybrid", ["model.decoder_channels=[64,32,16,16]"])  # trained under a --set
-    args = quality.parse_args(["--phase", "sample", "--out", str(tmp_path), "--arms", "hybrid"])
-    with pytest.raises(SystemExit, match=r"arm hybrid was trained with \['model.decoder_channels"):
-        quality.trained_overrides(args, tmp_path, "hybrid")
-    same = quality.parse_args(["--phase", "sample", "--out", str(tmp_path), "--arms", "hybrid",
-                               "--set", "model.decoder_channels=[64,32,16,16]"])
-    assert quality.trained_overrides(same, tmp_path, "hybrid") == ["model.decoder_channels=[64,32,16,16]"]
+def test_what_the_command_says_must_match_the_record(tmp_path):
+    record = {"overrides": ["model.decoder_channels=[64,32,16,16]"]}  # a built-in arm trained under --set
+    cmd = ["--phase", "sample", "--out", str(tmp_path), "--arms", "hybrid"]
+    # nothing said: the record, even where the built-in recipe has moved on since
+    assert quality.trained_overrides(quality.parse_args(cmd), "hybrid", record) == record["overrides"]
+    same = quality.parse_args([*cmd, "--set", "model.decoder_channels=[64,32,16,16]"])
+    assert quality.trained_overrides(same, "hybrid", record) == record["overrides"]
+    with pytest.raises(SystemExit, match=r"arm hybrid was trained with .*leave out --set and --arm hybrid"):
+        quality.trained_overrides(quality.parse_args([*cmd, "--set", "train.lr_g=1e-4"]), "hybrid", record)
+    other = quality.parse_args([*cmd, "--arm", "hybrid:gan.adv_weight=0.1"])
+    with pytest.raises(SystemExit, match="arm hybrid was trained with"):
+        quality.trained_overrides(other, "hybrid", record)
+    # an ARM.pt from before the overrides were recorded: the command's, as before
+    assert quality.trained_overrides(other, "hybrid", {"ema": {}}) == ["gan.adv_weight=0.1"]
 
 
-def scored(arms: dict[str, float], reference_images: int = 1000) -> dict:
-    return {"reference_images": reference_images, "floors": {},
-            "arms": {a: {"kimg": 28.0} for a in arms},
-            "runs": {a: {"ddim50": {"fid": fid, "kid": 0.01}} for a, fid in arms.items()}}
+def scored(arms: dict[str, float], **how) -> dict:
+    results = {"preset": "ablation", "seed": 1, "reference_images": 1000, "frd_samples": 0, "floors": {},
+               "arms": {a: {"kimg": 28.0} for a in arms},
+               "runs": {a: {"ddim50": {"fid": fid, "kid": 0.01}} for a, fid in arms.items()}}
+    return {**results, **how}
 
 
 def test_scoring_some_arms_keeps_the_others_scores(tmp_path):
@@ -61,15 +81,19 @@ def test_scoring_some_arms_keeps_the_others_scores(tmp_path):
     assert {a: r["ddim50"]["fid"] for a, r in now["runs"].items()} == {
         "hybrid": 1.9, "diffusion": 1.8, "e2": 1.6, "e2s8": 1.5}
     assert set(now["arms"]) == set(now["runs"])
-    # an arm without a column in the table reads '-', not a KeyError
-    now["runs"]["e2s8"]["ddim10"] = {"fid": 2.0, "kid": 0.02}
-    table = quality_score.markdown_table(now, (("ddim10", ""), ("ddim50", "")))
-    assert "| hybrid | 28.0 | - | 1.90 | - | 0.0100 |" in table
+    # a cell or a floor metric that one command did not score reads '-', not a KeyError
+    now["runs"]["e2s8"]["ddim10"] = {"fid": 2.0, "kid": 0.02, "frd": 3.0}
+    now["floors"]["train500"] = {"fid": 0.05, "kid": 0.001}
+    table = quality_score.markdown_table(now, (("ddim", 10), ("ddim", 50)))
+    assert "| hybrid | 28.0 | - | 1.90 | - | 0.0100 | - | - |" in table
+    assert "| real train500 | | 0.0500 | 0.0500 | 0.0010 | 0.0010 | - | - |" in table
 
 
-def test_an_earlier_score_on_another_reference_is_set_aside(tmp_path):
+def test_an_earlier_score_made_otherwise_is_set_aside(tmp_path):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps(scored({"hybrid": 1.9}, reference_images=500)))
-    now = quality_score.keep_earlier_arms(scored({"e2": 1.6}), path)
-    assert set(now["runs"]) == {"e2"}
-    assert json.loads((tmp_path / "results-earlier.json").read_text())["runs"]["hybrid"]["ddim50"]["fid"] == 1.9
+    for n, how in enumerate(({"reference_images": 500}, {"frd_samples": 1000}), start=1):
+        path.write_text(json.dumps(scored({"hybrid": 1.9}, **how)))
+        now = quality_score.keep_earlier_arms(scored({"e2": 1.6}), path)
+        assert set(now["runs"]) == {"e2"}
+        kept = json.loads((tmp_path / f"results-earlier-{n}.json").read_text())  # the first never overwritten
+        assert kept["runs"]["hybrid"]["ddim50"]["fid"] == 1.9 and all(kept[k] == v for k, v in how.items())
