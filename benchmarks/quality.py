@@ -231,9 +231,10 @@ def trained_overrides(args: argparse.Namespace, arm: str, record: dict) -> list[
     stored = record.get("overrides")
     if stored is None:  # an ARM.pt from before the overrides were recorded
         return run_overrides(args, arm)
-    explicit = arm in args.defined or bool(args.set)
-    if explicit and run_overrides(args, arm) != stored:
-        raise SystemExit(f"arm {arm} was trained with {stored}, but this command gives it {run_overrides(args, arm)}: "
+    # what the command states: its --set, then the arm's --arm (unstated: the record's own part)
+    given = [*args.set, *(args.defined[arm] if arm in args.defined else stored[len(args.set):])]
+    if given != stored:
+        raise SystemExit(f"arm {arm} was trained with {stored}, but this command gives it {given}: "
                          f"leave out --set and --arm {arm}:... (its {arm}.pt records them), or train it again")
     return stored
 

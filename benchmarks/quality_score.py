@@ -1,5 +1,8 @@
 """benchmarks/quality.py's scoring: FID/KID (and FRD) of one sample set against the held-out
-reference, the blob rate, and the Markdown table and dgan/peer ratios of a results.json."""
+reference, the blob rate, and the Markdown table and dgan/peer ratios of a results.json.
+
+dgan.metrics is imported where it is used: quality.py imports this module, and its sample phase
+must run where torch-fidelity (and the frd extra) are not installed."""
 from __future__ import annotations
 
 import json

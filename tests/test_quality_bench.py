@@ -62,6 +62,9 @@ def test_what_the_command_says_must_match_the_record(tmp_path):
     other = quality.parse_args([*cmd, "--arm", "hybrid:gan.adv_weight=0.1"])
     with pytest.raises(SystemExit, match="arm hybrid was trained with"):
         quality.trained_overrides(other, "hybrid", record)
+    # an arm the command does not define, trained under --set: restating that --set is no contradiction
+    e2 = {"overrides": ["model.decoder_channels=[64,32,16,16]", "gan.self_fake_every=2"]}
+    assert quality.trained_overrides(same, "e2", e2) == e2["overrides"]
     # an ARM.pt from before the overrides were recorded: the command's, as before
     assert quality.trained_overrides(other, "hybrid", {"ema": {}}) == ["gan.adv_weight=0.1"]
 
