@@ -72,10 +72,8 @@ class GanConfig:
     # weight (L_G = L_diff + adv_weight * L_adv); 0 = pure diffusion, D untrained. 0.3 beat 0.1, 1.0 and
     # 2.0 at 28 kimg; pneumonia32 sets 1.0 with adv_t_max 300, which won at 100 and 400 kimg (RESULTS.md).
     adv_weight: float = 0.3
-    # Fakes only from x0_hat where t <= adv_t_max: large-t reconstructions are blurry means that D
-    # tells apart at once and then overpowers G. benchmarks/quality.py (PneumoniaMNIST, seed 0): at
-    # 400 the hybrid lost to pure diffusion (FID 8.4 vs 3.9 at DDIM 10), at 100 it won (2.9), and
-    # won on 2 of 3 seeds; see benchmarks/RESULTS.md.
+    # Fakes only from x0_hat where t <= adv_t_max: large-t reconstructions are blurry means that D tells
+    # apart at once and then overpowers G (with the recon fakes, seed 0: 400 lost, 100 won; RESULTS.md).
     adv_t_max: int = 100
     # G ignores D for its first adv_warmup_kimg (then the weight ramps linearly to adv_weight over as
     # many kimg again), while D trains from step 0: G first learns to denoise, D starts ahead.
@@ -89,18 +87,18 @@ class GanConfig:
     # benchmarks/RESULTS.md ("A bounded adversarial push"). false: the plain weighted sum, which with a
     # D that learns ruined G; the old recipe is false with gan.r1_gamma=0.05 train.lr_d=2e-4.
     adv_balance: bool = True
-    # What D judges as fake. samples: G's own samples, run by a no-grad DDIM chain (self_fake_steps, the
-    # sampler's grid) from pure noise down to one t <= adv_t_max, whose last x0 prediction is made in G's
-    # training forward, so D's gradient reaches G there (step.self_sampled_xt). recon: x0_hat of the
-    # batch's own diffusion samples with t <= adv_t_max (nearly the reals: D learns little from them).
-    # Paired at 28 kimg, samples beat recon on 6 and 5 of 8 runs at DDIM 10 and 50 (FID -4%), and D learns
-    # from them; over pure diffusion no gain is established (benchmarks/RESULTS.md, "a second realization").
+    # What D judges as fake. samples: G's own samples, run by a DDIM chain (self_fake_steps, the sampler's
+    # grid; no grad unless chain_grad) from pure noise down to one t <= adv_t_max, whose last x0 prediction
+    # is made in G's training forward, so D's gradient reaches G there (step.self_sampled_xt). recon: x0_hat
+    # of the batch's own diffusion samples with t <= adv_t_max (nearly the reals: D learns little from them).
+    # Paired at 28 kimg, samples beat recon on 6 and 5 of 8 runs at DDIM 10 and 50 (FID -4%), and D learns.
     fakes: Literal["recon", "samples"] = "samples"
     # fakes=samples: G's own samples per micro-batch; 0 = one per 8 of its images (at least one): 8 at a
     # batch of 64 (the setting measured), 1 at the seed setup's 8, whose step the chain's forwards would
     # otherwise dominate (benchmarks/RESULTS.md, "Hybrid step cost")
     self_fakes: int = 0
     self_fake_steps: int = 4                  # fakes=samples: the DDIM grid of their chain
+    chain_grad: bool = False                  # D's gradient through the whole chain: no gain on 2 seeds
     # fakes=samples: the adversarial part of a step (the chain, D's step, G's adversarial term) runs on one
     # step in self_fake_every, with its ratio x self_fake_every (lazy, like StyleGAN2's R1); the others are
     # pure diffusion steps. Why: the chain's forwards cost a step about 1.6x (batch 64, CPU)
@@ -116,9 +114,8 @@ class GanConfig:
     # frozen G, so the adversarial term was noise; with adv_balance a D that learns is wanted and safe.
     r1_gamma: float = 0.0
     r1_every: int = 16                        # lazy R1: every N D steps, weighted by gamma * N
-    # D-health guard (dgan/dguard.py): at each log interval, a D whose mean L_D exceeds guard_max_loss
-    # or whose mean logits exceed guard_max_logit in size is restored from its last healthy state,
-    # with lr_d x guard_lr_factor. A logistic D at chance has L_D = 1.39.
+    # D-health guard (dgan/dguard.py): per log interval, a D whose mean L_D (chance: 1.39) or |logit| exceeds
+    # guard_max_loss or guard_max_logit is restored from its last healthy state, with lr_d x guard_lr_factor.
     guard: bool = True
     guard_max_loss: float = 10.0
     guard_max_logit: float = 50.0

@@ -14,6 +14,7 @@ import torch
 
 from dgan import __version__
 from dgan import distributed as dist
+from dgan.adv_schedule import global_batch_size
 from dgan.config import Config, ConfigError, to_dict
 from dgan.dguard import DHealthGuard
 from dgan.ema import EMA
@@ -21,7 +22,7 @@ from dgan.errors import EXIT_ERROR
 from dgan.generation import generate, save_grid
 from dgan.runinfo import git_hash
 from dgan.scoring import evaluate_generator
-from dgan.step import Trainables, TrainState, global_batch_size
+from dgan.step import Trainables, TrainState
 from dgan.superres import periodic_sr_eval, training_preview
 from dgan.progress import Progress
 from dgan.tracking import Tracker, flatten

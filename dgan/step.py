@@ -26,6 +26,7 @@ from torch import nn
 
 from dgan import distributed as dist
 from dgan.adaptive import AdaptiveT, diffuse, sample_tau
+from dgan.adv_schedule import adv_gain, adversarial_period
 from dgan.config import Config
 from dgan.diffusion import Diffusion
 from dgan.generation import sr_condition
@@ -69,11 +70,6 @@ class TrainState:
     def load_state_dict(self, d: dict) -> None:
         self.step, self.images_seen = int(d["step"]), int(d["images_seen"])
         self.mlflow_run_id = d.get("mlflow_run_id")
-
-
-def global_batch_size(cfg: Config) -> int:
-    """Images per optimizer step: per-rank batch x ranks x accumulation (logged as global_batch)."""
-    return cfg.train.batch_size * dist.get_world_size() * cfg.train.grad_accum
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -222,16 +218,6 @@ def d_backward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_real: torch.Tens
     return {"L_D": L_D.detach(), "L_r1": L_r1.detach(), "D_real": real_logits.detach().mean(), "D_fake": d_fake}
 
 
-def adv_gain(cfg: Config, step: int) -> float:
-    """The share of gan.adv_weight that G gets at this step (a host number, from the step count):
-    0 for the first adv_warmup_kimg, then a linear ramp to 1 over as many kimg again."""
-    warmup = cfg.gan.adv_warmup_kimg * 1000
-    if warmup <= 0:
-        return 1.0
-    images = step * global_batch_size(cfg)
-    return min(1.0, max(0.0, images / warmup - 1.0))
-
-
 def self_sampled_xt(tr: Trainables, cfg: Config, k: int, y: Optional[torch.Tensor], cond: Optional[torch.Tensor],
                     like: torch.Tensor, draws: AdvDraws) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, t) of k of G's own samples at one t <= adv_t_max (gan.fakes=samples): DDIM, no grad, from
@@ -250,11 +236,13 @@ def self_sampled_xt(tr: Trainables, cfg: Config, k: int, y: Optional[torch.Tenso
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return tr.G_raw(x_t, t, y, cond).float()
 
-    # The plain module, no grad (ddim_sample's): no DDP reducer is involved, the chain costs only
-    # forwards (and runs uncompiled under model.compile). BatchNorm would learn its statistics from
-    # these small same-t batches, so config_checks refuses fakes=samples with model.norm=batch.
-    with autocast_for(cfg.train.precision, like.device):
-        x = tr.diffusion.ddim_sample(model_fn, x_T=x_T, steps=cfg.gan.self_fake_steps, end_t=t_last)
+    # The plain module (uncompiled under model.compile), no DDP reducer involved. Without chain_grad
+    # no grad: the chain costs only forwards. With it, D's gradient also reaches the chain's earlier
+    # predictions, from high t down; those land in the same AccumulateGrad nodes as the training
+    # forward's, so DDP's hooks still fire once per parameter. BatchNorm would learn its statistics
+    # from these small same-t batches, so config_checks refuses fakes=samples with model.norm=batch.
+    with torch.set_grad_enabled(cfg.gan.chain_grad), autocast_for(cfg.train.precision, like.device):
+        x = tr.diffusion.ddim_chain(model_fn, x_T, steps=cfg.gan.self_fake_steps, end_t=t_last)
     return x.float(), torch.full((k,), t_last, dtype=torch.long, device=like.device)
 
 
@@ -373,8 +361,8 @@ def train_step(tr: Trainables, cfg: Config, micro_batches: list[tuple[torch.Tens
     tr.opt_d.zero_grad(set_to_none=True)
     n = len(micro_batches)
     sums: dict[str, torch.Tensor] = {}
-    # gan.self_fake_every: the adversarial part on one step in N, its push x N (lazy, like R1's gamma x N)
-    every = cfg.gan.self_fake_every if cfg.gan.fakes == "samples" else 1
+    # the adversarial part on one step in N, its push x N (lazy, like R1's gamma x N)
+    every = adversarial_period(cfg)
     d_ran, gain = step % every == 0 and cfg.gan.adv_weight > 0, adv_gain(cfg, step) * every
     for i, (x0, y) in enumerate(micro_batches):
         # Only the last micro-batch all-reduces gradients (no_sync on the others).

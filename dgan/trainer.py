@@ -26,6 +26,7 @@ import torch
 from dgan import __version__
 from dgan import distributed as dist
 from dgan.adaptive import AdaptiveT
+from dgan.adv_schedule import global_batch_size
 from dgan.checkpoint import CheckpointError, Checkpointer, CheckpointSchemaError, SavePolicy, load_checkpoint
 from dgan.config import Config, to_dict, with_legacy_defaults
 from dgan.data import build_train_data
@@ -40,7 +41,7 @@ from dgan.resume_state import (capture_rng_state, check_compatible, load_state_d
                                restore_rng_state)
 from dgan.rundir import CHECKPOINTS, RunPlan, claim_run_dir, home_of
 from dgan.runinfo import git_hash
-from dgan.step import Trainables, TrainState, global_batch_size, train_step
+from dgan.step import Trainables, TrainState, train_step
 from dgan.stopping import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopFlag
 from dgan.progress import Progress
 
