@@ -87,10 +87,10 @@ class GanConfig:
     # benchmarks/RESULTS.md ("A bounded adversarial push"). false: the plain weighted sum, which with a
     # D that learns ruined G; the old recipe is false with gan.r1_gamma=0.05 train.lr_d=2e-4.
     adv_balance: bool = True
-    # What D judges as fake. samples: G's own samples, run by a DDIM chain (self_fake_steps, the sampler's
-    # grid; no grad unless chain_grad) from pure noise down to one t <= adv_t_max, whose last x0 prediction
-    # is made in G's training forward, so D's gradient reaches G there (step.self_sampled_xt). recon: x0_hat
-    # of the batch's own diffusion samples with t <= adv_t_max (nearly the reals: D learns little from them).
+    # What D judges as fake. samples: G's own samples, run by a no-grad DDIM chain (self_fake_steps, the
+    # sampler's grid) from pure noise down to one t <= adv_t_max, whose last x0 prediction is made in G's
+    # training forward, so D's gradient reaches G there (step.self_sampled_xt). recon: x0_hat of the
+    # batch's own diffusion samples with t <= adv_t_max (nearly the reals: D learns little from them).
     # Paired at 28 kimg, samples beat recon on 6 and 5 of 8 runs at DDIM 10 and 50 (FID -4%), and D learns.
     fakes: Literal["recon", "samples"] = "samples"
     # fakes=samples: G's own samples per micro-batch; 0 = one per 8 of its images (at least one): 8 at a
@@ -98,7 +98,6 @@ class GanConfig:
     # otherwise dominate (benchmarks/RESULTS.md, "Hybrid step cost")
     self_fakes: int = 0
     self_fake_steps: int = 4                  # fakes=samples: the DDIM grid of their chain
-    chain_grad: bool = False                  # D's gradient through the whole chain: no gain on 2 seeds
     # fakes=samples: the adversarial part of a step (the chain, D's step, G's adversarial term) runs on one
     # step in self_fake_every, with its ratio x self_fake_every (lazy, like StyleGAN2's R1); the others are
     # pure diffusion steps. Why: the chain's forwards cost a step about 1.6x (batch 64, CPU)

@@ -53,8 +53,6 @@ def _validate_gan(g, d, m) -> None:  # GanConfig, DiffusionConfig, ModelConfig
     _require(2 <= g.self_fake_steps <= d.num_steps, "gan.self_fake_steps",
              f"must be in [2, diffusion.num_steps={d.num_steps}] (the DDIM grid of the fakes' chain)")
     _require(g.self_fake_every >= 1, "gan.self_fake_every", "must be >= 1 (1 = fakes on every step)")
-    _require(not g.chain_grad or g.fakes == "samples", "gan.chain_grad",
-             "needs gan.fakes=samples (the recon fakes have no chain); or set gan.chain_grad=false")
     _require(g.fakes != "samples" or g.r1_gamma == 0 or g.r1_every % g.self_fake_every == 0, "gan.r1_every",
              "must be a multiple of gan.self_fake_every, or R1 would fall on steps that run no D")
     _require(g.fakes != "samples" or m.norm != "batch", "gan.fakes",

@@ -280,21 +280,13 @@ class Diffusion:
 
         eta = 0 is the deterministic probability-flow-like sampler; eta = 1 with steps = T has
         the same transition kernel as DDPM. The last step lands on clean data with no noise, or,
-        with `end_t`, on x at timestep end_t (grid points at or below it skipped). `step_hook(x,
-        t_next)` is applied after each update, as in ddpm_sample.
+        with `end_t`, on x at timestep end_t (grid points at or below it skipped: the chain that
+        makes the hybrid step's self-sampled fakes). `step_hook(x, t_next)` is applied after each
+        update, as in ddpm_sample.
         """
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         x = self._initial_noise(shape, x_T, generator, device)
-        return self.ddim_chain(model_fn, x, steps=steps, end_t=end_t, eta=eta, generator=generator,
-                               clip_x0=clip_x0, callback=callback, step_hook=step_hook)
-
-    def ddim_chain(self, model_fn: ModelFn, x: torch.Tensor, *, steps: int, end_t: Optional[int] = None,
-                   eta: float = 0.0, generator: Optional[torch.Generator] = None, clip_x0: bool = True,
-                   callback: Optional[Callback] = None, step_hook: Optional[StepHook] = None) -> torch.Tensor:
-        """ddim_sample's chain from a given x at the top of the grid, under the caller's grad mode:
-        the hybrid step's self-sampled fakes run it with grad when D's gradient is to reach the
-        chain's earlier predictions (gan.chain_grad)."""
         ts = [t for t in self.timesteps_for(steps).tolist() if end_t is None or t > end_t]
         for i, t in enumerate(ts):
             t_next = ts[i + 1] if i + 1 < len(ts) else end_t

@@ -236,13 +236,12 @@ def self_sampled_xt(tr: Trainables, cfg: Config, k: int, y: Optional[torch.Tenso
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return tr.G_raw(x_t, t, y, cond).float()
 
-    # The plain module (uncompiled under model.compile), no DDP reducer involved. Without chain_grad
-    # no grad: the chain costs only forwards. With it, D's gradient also reaches the chain's earlier
-    # predictions, from high t down; those land in the same AccumulateGrad nodes as the training
-    # forward's, so DDP's hooks still fire once per parameter. BatchNorm would learn its statistics
-    # from these small same-t batches, so config_checks refuses fakes=samples with model.norm=batch.
-    with torch.set_grad_enabled(cfg.gan.chain_grad), autocast_for(cfg.train.precision, like.device):
-        x = tr.diffusion.ddim_chain(model_fn, x_T, steps=cfg.gan.self_fake_steps, end_t=t_last)
+    # The plain module, no grad (ddim_sample's): no DDP reducer is involved, the chain costs only
+    # forwards (and runs uncompiled under model.compile). BatchNorm would learn its statistics from
+    # these small same-t batches, so config_checks refuses fakes=samples with model.norm=batch.
+    # (D's gradient through the whole chain made G's samples washed out at 100 kimg: RESULTS.md.)
+    with autocast_for(cfg.train.precision, like.device):
+        x = tr.diffusion.ddim_sample(model_fn, x_T=x_T, steps=cfg.gan.self_fake_steps, end_t=t_last)
     return x.float(), torch.full((k,), t_last, dtype=torch.long, device=like.device)
 
 

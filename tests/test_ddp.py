@@ -79,11 +79,7 @@ def test_ranks_stay_identical_and_agree_to_stop(root, tmp_path):
             # G's own samples as D's fakes: a no-grad chain on the plain module, then one DDP forward; lazy,
             # so on steps 1, 3 and 5 no rank runs D
             "samples": base + ["gan.fakes=samples", "gan.self_fakes=2", "gan.self_fake_steps=3",
-                               "gan.self_fake_every=2"],
-            # ... with D's gradient through the chain (the plain module's forwards, outside DDP's): each
-            # parameter's gradient still reaches the reducer once, all-reduced with the rest
-            "chain": base + ["gan.fakes=samples", "gan.self_fakes=2", "gan.self_fake_steps=3", "gan.self_fake_every=1",
-                             "gan.chain_grad=true"]}
+                               "gan.self_fake_every=2"]}
     r = run(torchrun(2, str(REPO / "tests" / "ddp_worker.py"), str(tmp_path), "6", json.dumps(spec)))
     for name in spec:
         r0, r1 = (torch.load(tmp_path / f"{name}-rank{k}.pt", weights_only=True) for k in (0, 1))
