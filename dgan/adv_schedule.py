@@ -1,6 +1,6 @@
 """When the adversarial part of the hybrid step runs, and how hard it pushes: host numbers from the
-config and the step count alone (no tensor, no sync), so every rank agrees and a resumed run
-continues where it stopped."""
+config, the world size and the step count alone (no tensor, no sync), so every rank agrees and a
+resumed run continues where it stopped."""
 from __future__ import annotations
 
 from dgan import distributed as dist

@@ -91,7 +91,8 @@ class GanConfig:
     # sampler's grid) from pure noise down to one t <= adv_t_max, whose last x0 prediction is made in G's
     # training forward, so D's gradient reaches G there (step.self_sampled_xt). recon: x0_hat of the
     # batch's own diffusion samples with t <= adv_t_max (nearly the reals: D learns little from them).
-    # Paired at 28 kimg, samples beat recon on 6 and 5 of 8 runs at DDIM 10 and 50 (FID -4%), and D learns.
+    # Paired at 28 kimg, samples beat recon on 6 and 5 of 8 runs at DDIM 10 and 50 (FID -4%), and D learns
+    # from them (benchmarks/RESULTS.md, "Fakes from G's own sampler").
     fakes: Literal["recon", "samples"] = "samples"
     # fakes=samples: G's own samples per micro-batch; 0 = one per 8 of its images (at least one): 8 at a
     # batch of 64 (the setting measured), 1 at the seed setup's 8, whose step the chain's forwards would
