@@ -25,7 +25,9 @@ Phases (each reads what the previous wrote under --out, so they can run on diffe
            part held in memory; the peer is benchmarks/peer_ddpm.py. Saves each arm's EMA weights.
   sample   DDIM 10 and 50 (and DPM-Solver++ 10 with --dpm, DDPM 1000 with --ddpm) from each arm's EMA
            weights, from the same per-sample seeded noise for every arm, as uint8 (what is scored); a
-           grid of the first 64 per arm.
+           grid of the first 64 per arm. --samples N raises the count (not DDPM's): a samples file
+           made after its ARM.pt that already holds a whole number of sampling batches is extended
+           rather than drawn again (sample i's noise depends on i alone).
   score    FID and KID in the domain extractor's feature space, FRD when the `frd` extra is
            installed, and the blob rate, against the held-out reference; real-vs-real floors.
            Writes results.json (keeping the arms an earlier score command scored and this one
@@ -57,12 +59,9 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_ddpm  # noqa: E402  (benchmarks/ is not a package)
+from quality_arms import ARMS, PEER, parse_arm, run_overrides, trained_overrides  # noqa: E402
 from quality_score import frd_available, keep_earlier_arms, markdown_table, peer_ratios, score_set  # noqa: E402
 
-# dgan arms: name -> config overrides; "peer" is the diffusers DDPM (peer_ddpm.py). hybrid is the
-# shipped recipe as it stands, so the benchmark follows the defaults (RESULTS.md says whose day ran)
-ARMS = {"hybrid": [], "diffusion": ["gan.adv_weight=0"]}
-PEER = "peer"
 PRESETS = {
     # minutes: wall-clock training budget per arm (None: a fixed kimg per dgan arm);
     # samples per sampler (DDPM runs all 1000 steps, so it gets fewer on a CPU)
@@ -71,6 +70,12 @@ PRESETS = {
     "ablation": {"minutes": None, "kimg": 28, "samples": 500, "ddpm_samples": 100, "batch": 64},
     "smoke": {"minutes": 0.1, "kimg": None, "samples": 64, "ddpm_samples": 16, "batch": 16},
 }
+
+
+def sample_count(args: argparse.Namespace, sampler: str) -> int:
+    """Samples per cell: --samples, else the preset's (DDPM, which runs all 1000 steps: the preset's)."""
+    p = PRESETS[args.preset]
+    return p["ddpm_samples"] if sampler == "ddpm" else args.samples or p["samples"]
 
 
 def samplings(args: argparse.Namespace) -> tuple[tuple[str, int], ...]:
@@ -216,29 +221,6 @@ def train_one(args: argparse.Namespace, out: Path, arm: str) -> None:
     torch.save(result, out / f"{PEER}.pt")
 
 
-def run_overrides(args: argparse.Namespace, arm: str) -> list[str]:
-    """The overrides the command gives this arm: --set, then the arm's own."""
-    return [*args.set, *args.arm_overrides.get(arm, [])]
-
-
-def trained_overrides(args: argparse.Namespace, arm: str, record: dict) -> list[str]:
-    """The overrides `arm` was trained with, as its ARM.pt (`record`) has them.
-
-    Why not the command's: a sample command that forgot an --arm or --set would rebuild another G or
-    another diffusion, silently where the weights still fit (diffusion.prediction, a gan-only
-    change). What the command says explicitly (the arm's --arm, any --set) must match the record;
-    without it, the record is used as it stands (also for a built-in arm whose recipe has moved on)."""
-    stored = record.get("overrides")
-    if stored is None:  # an ARM.pt from before the overrides were recorded
-        return run_overrides(args, arm)
-    # what the command states: its --set, then the arm's --arm (unstated: the record's own part)
-    given = [*args.set, *(args.defined[arm] if arm in args.defined else stored[len(args.set):])]
-    if given != stored:
-        raise SystemExit(f"arm {arm} was trained with {stored}, but this command gives it {given}: "
-                         f"leave out --set and --arm {arm}:... (its {arm}.pt records them), or train it again")
-    return stored
-
-
 def phase_train(args: argparse.Namespace, out: Path) -> None:
     """Each arm in its own process, one after another: each gets every core for its whole budget."""
     for arm in args.arms:
@@ -263,7 +245,13 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int) -> torch.Tensor:
+SAMPLE_BATCH = 500  # sample_arm's batch for dgan arms; DDPM's step noise is seeded per batch
+
+
+def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int,
+               first: int = 0) -> torch.Tensor:
+    """Samples first..n-1 of this arm; `first` a multiple of SAMPLE_BATCH, so that they come out as
+    they would in one run of 0..n-1."""
     from dgan.diffusion import Diffusion
     from dgan.generation import generate_indices, initial_noise
     from dgan.trainer import build_models
@@ -272,33 +260,45 @@ def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, step
     if arm == PEER:
         if sampler != "ddim":
             raise SystemExit("the peer arm samples with DDIM only (its recipe); drop --ddpm/--dpm or the peer arm")
-        x_T = initial_noise(range(n), args.seed, (1, 32, 32)).to(args.device)
+        x_T = initial_noise(range(first, n), args.seed, (1, 32, 32)).to(args.device)
         return peer_ddpm.sample_peer(state["ema"], x_T, steps)
     cfg = run_config(args, trained_overrides(args, arm, state))
     device = torch.device(cfg.train.device)
     G, _ = build_models(cfg, device)
     G.load_state_dict(state["ema"])
     diffusion = Diffusion.from_config(cfg.diffusion, device=device)
-    return generate_indices(G, diffusion, range(n), sampler=sampler, steps=steps, seed=args.seed,
+    return generate_indices(G, diffusion, range(first, n), sampler=sampler, steps=steps, seed=args.seed,
                             channels=cfg.model.channels, image_size=cfg.model.image_size, num_classes=0,
-                            batch_size=500, device=device)
+                            batch_size=SAMPLE_BATCH, device=device)
+
+
+def samples_to_keep(out: Path, arm: str, path: Path, n: int) -> torch.Tensor | None:
+    """The first images of an earlier samples file that a run to n would make again: made after the
+    arm's weights, fewer than n, and a whole number of sampling batches (else None: draw all n)."""
+    if not path.is_file() or path.stat().st_mtime < (out / f"{arm}.pt").stat().st_mtime:
+        return None
+    kept = torch.load(path, weights_only=True)
+    return kept if kept.shape[0] < n and kept.shape[0] % SAMPLE_BATCH == 0 else None
 
 
 def phase_sample(args: argparse.Namespace, out: Path) -> None:
     from dgan.generation import save_grid
     from dgan.pixels import to_uint8
 
-    p = PRESETS[args.preset]
     for arm in args.arms:
         for sampler, steps in samplings(args):
-            n = p["ddpm_samples"] if sampler == "ddpm" else p["samples"]
+            n, path = sample_count(args, sampler), out / f"samples-{arm}-{sampler}{steps}.pt"
+            kept = samples_to_keep(out, arm, path, n) if args.samples else None
+            first = 0 if kept is None else kept.shape[0]
             clock = time.perf_counter()
-            x = sample_arm(args, out, arm, sampler, steps, n)
             # uint8, exactly what is scored (half fp16's bytes, so a GPU run's samples travel back);
             # dgan.pixels, not dgan.metrics: this phase must not need torch-fidelity.
-            torch.save(to_uint8(x), out / f"samples-{arm}-{sampler}{steps}.pt")
-            save_grid(x[:64], out / f"grid-{arm}-{sampler}{steps}.png", nrow=8)
-            print(f"sample: {arm} {sampler}{steps}: {n} images in {time.perf_counter() - clock:.0f} s", flush=True)
+            x = to_uint8(sample_arm(args, out, arm, sampler, steps, n, first))
+            x = x if kept is None else torch.cat([kept, x])
+            torch.save(x, path)
+            save_grid(x[:64].float().div(127.5).sub(1.0), out / f"grid-{arm}-{sampler}{steps}.png", nrow=8)
+            print(f"sample: {arm} {sampler}{steps}: {n - first} images in {time.perf_counter() - clock:.0f} s"
+                  f"{f' (the first {first} kept)' if first else ''}", flush=True)
 
 
 def phase_score(args: argparse.Namespace, out: Path) -> dict:
@@ -311,10 +311,10 @@ def phase_score(args: argparse.Namespace, out: Path) -> dict:
         print("score: FRD skipped (pip install -e '.[frd]' to add it, or drop --no-frd)", flush=True)
     results: dict = {"preset": args.preset, "minutes": budget_minutes(args), "overrides": list(args.set),
                      "reference_images": int(real.shape[0]), "seed": args.seed, "frd_samples": frd_samples,
-                     "arms": {}, "runs": {}, "floors": {}}
+                     "samples": sample_count(args, "ddim"), "arms": {}, "runs": {}, "floors": {}}
     # Real-vs-real floors at the sample counts: FID/KID of held-out reals against training reals of
     # the same size say what "as good as the data" reads on this extractor.
-    counts = {PRESETS[args.preset]["samples"]} | ({PRESETS[args.preset]["ddpm_samples"]} if args.ddpm else set())
+    counts = {sample_count(args, sampler) for sampler, _ in samplings(args)}
     for n in sorted(counts):
         results["floors"][f"train{n}"] = score_set(real, data["train_images"][:n], extractor, frd_samples)
     for arm in args.arms:
@@ -324,22 +324,19 @@ def phase_score(args: argparse.Namespace, out: Path) -> dict:
         for sampler, steps in samplings(args):
             fake = torch.load(out / f"samples-{arm}-{sampler}{steps}.pt", weights_only=True)
             fake = fake if fake.dtype == torch.uint8 else to_uint8(fake)  # float16 before 2026-12-04
+            if fake.shape[0] != sample_count(args, sampler):  # FID's bias depends on the count
+                raise SystemExit(f"score: samples-{arm}-{sampler}{steps}.pt holds {fake.shape[0]} images, this "
+                                 f"command scores {sample_count(args, sampler)}: give the --samples it was sampled with")
             results["runs"].setdefault(arm, {})[f"{sampler}{steps}"] = score_set(real, fake, extractor, frd_samples)
             print(f"score: {arm} {sampler}{steps}: {results['runs'][arm][f'{sampler}{steps}']}", flush=True)
-    results = keep_earlier_arms(results, out / "results.json")
+    # a results.json from before "samples" was recorded was scored at its preset's count
+    results = keep_earlier_arms(results, out / "results.json", {"samples": PRESETS[args.preset]["samples"]})
     results["peer_ratios"] = peer_ratios(results, PEER)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(markdown_table(results, samplings(args)))
     for line in results["peer_ratios"]:
         print(line)
     return results
-
-
-def parse_arm(spec: str) -> tuple[str, list[str]]:
-    name, _, rest = spec.partition(":")
-    if not name or name == PEER:
-        raise argparse.ArgumentTypeError(f"--arm {spec!r}: expected 'NAME:key=value ...' with NAME not '{PEER}'")
-    return name, rest.replace(";", " ").split()  # ';' too: quality_gpu.sh's EXTRA is split at spaces
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -362,6 +359,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="which arms, in order (default hybrid,diffusion,peer)")
     p.add_argument("--ddpm", action="store_true", help="also sample DDPM 1000 (dgan arms only; slow on a CPU)")
     p.add_argument("--dpm", action="store_true", help="also sample DPM-Solver++(2M) 10 (dgan arms only)")
+    p.add_argument("--samples", type=int, help="samples per sampler, DDPM aside (default: the preset's)")
     p.add_argument("--no-frd", action="store_true", help="skip FRD even when the extra is installed")
     p.add_argument("--frd-samples", type=int, default=1000, help="samples per set scored by FRD (it is slow)")
     args = p.parse_args(argv)

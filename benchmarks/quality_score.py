@@ -75,18 +75,19 @@ def markdown_table(results: dict, cols_spec) -> str:
 
 
 # What makes two score commands' cells comparable, beside the folder's data.pt and extractor
-SCORED_ALIKE = ("preset", "seed", "reference_images", "frd_samples")
+SCORED_ALIKE = ("preset", "seed", "reference_images", "frd_samples", "samples")
 
 
-def keep_earlier_arms(results: dict, path: Path) -> dict:
+def keep_earlier_arms(results: dict, path: Path, unrecorded: dict | None = None) -> dict:
     """`results` with the arms of an earlier results.json at `path` that it did not score again.
 
     Why: a score command that lists only the new arms would otherwise drop the older arms' scores
     from the folder's record. An earlier file scored differently (SCORED_ALIKE) is not mixed in but
-    kept beside it, as the first free results-earlier-N.json."""
+    kept beside it, as the first free results-earlier-N.json. `unrecorded`: what an earlier file that
+    lacks a SCORED_ALIKE key (written before it was recorded) was scored with."""
     if not path.is_file():
         return results
-    earlier = json.loads(path.read_text())
+    earlier = {**(unrecorded or {}), **json.loads(path.read_text())}
     if any(earlier.get(k) != results.get(k) for k in SCORED_ALIKE):
         n = next(i for i in range(1, 10_000) if not path.with_name(f"results-earlier-{i}.json").exists())
         path.replace(path.with_name(f"results-earlier-{n}.json"))

@@ -100,3 +100,32 @@ def test_an_earlier_score_made_otherwise_is_set_aside(tmp_path):
         assert set(now["runs"]) == {"e2"}
         kept = json.loads((tmp_path / f"results-earlier-{n}.json").read_text())  # the first never overwritten
         assert kept["runs"]["hybrid"]["ddim50"]["fid"] == 1.9 and all(kept[k] == v for k, v in how.items())
+
+
+def test_more_samples_extend_the_earlier_ones_as_one_run_would(tmp_path, monkeypatch):
+    # batches of 2 stand in for quality's 500, so that a run of 4 images has two batches
+    monkeypatch.setattr(quality, "SAMPLE_BATCH", 2)
+    save_arm(tmp_path, "narrow", NARROW, weights=True)
+    cmd = ["--phase", "sample", "--out", str(tmp_path), "--arms", "narrow", "--device", "cpu"]
+    path = tmp_path / "samples-narrow-ddim10.pt"
+    quality.phase_sample(quality.parse_args([*cmd, "--samples", "2"]), tmp_path)
+    first = torch.load(path, weights_only=True)
+    quality.phase_sample(quality.parse_args([*cmd, "--samples", "4"]), tmp_path)
+    extended = torch.load(path, weights_only=True)
+    assert extended.shape == (4, 1, 32, 32) and torch.equal(extended[:2], first)
+    path.unlink()
+    quality.phase_sample(quality.parse_args([*cmd, "--samples", "4"]), tmp_path)
+    assert torch.equal(torch.load(path, weights_only=True), extended)  # what one run of 4 makes
+    # weights saved after the samples: every image is drawn again, none kept
+    torch.save(torch.zeros(2, 1, 32, 32, dtype=torch.uint8), path)
+    save_arm(tmp_path, "narrow", NARROW, weights=True)
+    assert quality.samples_to_keep(tmp_path, "narrow", path, 4) is None
+
+
+def test_a_score_at_another_sample_count_is_set_aside(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(scored({"hybrid": 1.9})))  # no "samples": written before it was recorded
+    now = quality_score.keep_earlier_arms(scored({"e2": 1.6}, samples=500), path, {"samples": 500})
+    assert set(now["runs"]) == {"hybrid", "e2"}
+    now = quality_score.keep_earlier_arms(scored({"e2": 1.6}, samples=1000), path, {"samples": 500})
+    assert set(now["runs"]) == {"e2"} and (tmp_path / "results-earlier-1.json").is_file()
