@@ -25,9 +25,9 @@ Phases (each reads what the previous wrote under --out, so they can run on diffe
            part held in memory; the peer is benchmarks/peer_ddpm.py. Saves each arm's EMA weights.
   sample   DDIM 10 and 50 (and DPM-Solver++ 10 with --dpm, DDPM 1000 with --ddpm) from each arm's EMA
            weights, from the same per-sample seeded noise for every arm, as uint8 (what is scored); a
-           grid of the first 64 per arm. --samples N raises the count (not DDPM's): a samples file
-           made after its ARM.pt that already holds a whole number of sampling batches is extended
-           rather than drawn again (sample i's noise depends on i alone).
+           grid of the first 64 per arm. --samples N sets the count (not DDPM's): an earlier DDIM or
+           DPM-Solver++ file whose first image this arm, seed and sampler still draw is extended (or
+           cut) rather than drawn again (sample i's noise depends on i alone).
   score    FID and KID in the domain extractor's feature space, FRD when the `frd` extra is
            installed, and the blob rate, against the held-out reference; real-vs-real floors.
            Writes results.json (keeping the arms an earlier score command scored and this one
@@ -60,7 +60,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_ddpm  # noqa: E402  (benchmarks/ is not a package)
 from quality_arms import ARMS, PEER, parse_arm, run_overrides, trained_overrides  # noqa: E402
-from quality_score import frd_available, keep_earlier_arms, markdown_table, peer_ratios, score_set  # noqa: E402
+from quality_score import frd_available, held_out_accuracy, keep_earlier_arms, markdown_table  # noqa: E402
+from quality_score import peer_ratios, score_set  # noqa: E402
 
 PRESETS = {
     # minutes: wall-clock training budget per arm (None: a fixed kimg per dgan arm);
@@ -126,20 +127,6 @@ def phase_prepare(args: argparse.Namespace, out: Path) -> None:
     print(f"prepare: domain extractor, {args.extractor_epochs} epochs in {time.perf_counter() - clock:.0f} s, "
           f"train accuracy {history[-1]['accuracy']:.3f}, held-out balanced accuracy {acc:.3f}", flush=True)
     (out / "extractor.json").write_text(json.dumps({"history": history, "heldout_balanced_accuracy": acc}, indent=2))
-
-
-@torch.no_grad()
-def held_out_accuracy(path: Path, data: dict, device: str) -> float:
-    """How well the extractor's features separate the classes on images it never saw: balanced
-    accuracy of a nearest-class-mean rule on the features, fitted on the training part. A sanity
-    check that the feature space carries the domain signal FID/KID are meant to compare."""
-    net = torch.jit.load(str(path), map_location=device).eval()
-    feats = {k: torch.cat([net(x.to(device)).cpu() for x in data[f"{k}_images"].split(256)])
-             for k in ("train", "ref")}
-    means = torch.stack([feats["train"][data["train_labels"] == c].mean(0) for c in (0, 1)])
-    pred = torch.cdist(feats["ref"], means).argmin(1)
-    # Balanced (mean per-class recall): with 89% pneumonia, plain accuracy rewards a constant answer.
-    return float(torch.stack([(pred[data["ref_labels"] == c] == c).float().mean() for c in (0, 1)]).mean())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,13 +232,14 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-SAMPLE_BATCH = 500  # sample_arm's batch for dgan arms; DDPM's step noise is seeded per batch
+SAMPLE_BATCH = 500  # sample_arm's batch for dgan arms
 
 
 def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int,
                first: int = 0) -> torch.Tensor:
-    """Samples first..n-1 of this arm; `first` a multiple of SAMPLE_BATCH, so that they come out as
-    they would in one run of 0..n-1."""
+    """Samples first..n-1 of this arm; with `first` a multiple of SAMPLE_BATCH the batches are those
+    of one run of 0..n-1, so the images are bit-identical to it (DDPM's step noise, seeded per
+    batch, is the same too)."""
     from dgan.diffusion import Diffusion
     from dgan.generation import generate_indices, initial_noise
     from dgan.trainer import build_models
@@ -272,13 +260,23 @@ def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, step
                             batch_size=SAMPLE_BATCH, device=device)
 
 
-def samples_to_keep(out: Path, arm: str, path: Path, n: int) -> torch.Tensor | None:
-    """The first images of an earlier samples file that a run to n would make again: made after the
-    arm's weights, fewer than n, and a whole number of sampling batches (else None: draw all n)."""
-    if not path.is_file() or path.stat().st_mtime < (out / f"{arm}.pt").stat().st_mtime:
+def samples_to_keep(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, path: Path,
+                    n: int) -> torch.Tensor | None:
+    """The images of an earlier samples file that a run of 0..n-1 would make again, so --samples
+    need not draw them twice; else None (draw all n). Kept only from a deterministic sampler (DDPM
+    draws fresh noise per step), as uint8 (older files are float16), a whole number of batches
+    unless it holds n already (sample_arm's `first`), and when its first image is what this arm,
+    seed and sampler draw now: another seed or retrained weights change every pixel, while a
+    batch of 1 against 500 moves none by more than float rounding."""
+    from dgan.pixels import to_uint8
+
+    if sampler == "ddpm" or not path.is_file():
         return None
     kept = torch.load(path, weights_only=True)
-    return kept if kept.shape[0] < n and kept.shape[0] % SAMPLE_BATCH == 0 else None
+    if kept.dtype != torch.uint8 or (kept.shape[0] < n and kept.shape[0] % SAMPLE_BATCH):
+        return None
+    probe = to_uint8(sample_arm(args, out, arm, sampler, steps, 1))[0]
+    return kept[:n] if (probe.int() - kept[0].int()).abs().max() <= 2 else None
 
 
 def phase_sample(args: argparse.Namespace, out: Path) -> None:
@@ -288,13 +286,15 @@ def phase_sample(args: argparse.Namespace, out: Path) -> None:
     for arm in args.arms:
         for sampler, steps in samplings(args):
             n, path = sample_count(args, sampler), out / f"samples-{arm}-{sampler}{steps}.pt"
-            kept = samples_to_keep(out, arm, path, n) if args.samples else None
+            kept = samples_to_keep(args, out, arm, sampler, steps, path, n) if args.samples else None
             first = 0 if kept is None else kept.shape[0]
             clock = time.perf_counter()
             # uint8, exactly what is scored (half fp16's bytes, so a GPU run's samples travel back);
             # dgan.pixels, not dgan.metrics: this phase must not need torch-fidelity.
-            x = to_uint8(sample_arm(args, out, arm, sampler, steps, n, first))
-            x = x if kept is None else torch.cat([kept, x])
+            parts = [] if kept is None else [kept]
+            if first < n:
+                parts.append(to_uint8(sample_arm(args, out, arm, sampler, steps, n, first)))
+            x = torch.cat(parts)
             torch.save(x, path)
             save_grid(x[:64].float().div(127.5).sub(1.0), out / f"grid-{arm}-{sampler}{steps}.png", nrow=8)
             print(f"sample: {arm} {sampler}{steps}: {n - first} images in {time.perf_counter() - clock:.0f} s"
@@ -325,8 +325,9 @@ def phase_score(args: argparse.Namespace, out: Path) -> dict:
             fake = torch.load(out / f"samples-{arm}-{sampler}{steps}.pt", weights_only=True)
             fake = fake if fake.dtype == torch.uint8 else to_uint8(fake)  # float16 before 2026-12-04
             if fake.shape[0] != sample_count(args, sampler):  # FID's bias depends on the count
+                fix = "sample it again" if sampler == "ddpm" else "give the --samples it was sampled with"
                 raise SystemExit(f"score: samples-{arm}-{sampler}{steps}.pt holds {fake.shape[0]} images, this "
-                                 f"command scores {sample_count(args, sampler)}: give the --samples it was sampled with")
+                                 f"command scores {sample_count(args, sampler)}: {fix}")
             results["runs"].setdefault(arm, {})[f"{sampler}{steps}"] = score_set(real, fake, extractor, frd_samples)
             print(f"score: {arm} {sampler}{steps}: {results['runs'][arm][f'{sampler}{steps}']}", flush=True)
     # a results.json from before "samples" was recorded was scored at its preset's count
@@ -363,6 +364,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-frd", action="store_true", help="skip FRD even when the extra is installed")
     p.add_argument("--frd-samples", type=int, default=1000, help="samples per set scored by FRD (it is slow)")
     args = p.parse_args(argv)
+    if args.samples is not None and args.samples < 1:
+        p.error(f"--samples {args.samples}: give at least 1 (or leave it out for the preset's count)")
     args.defined = dict(parse_arm(spec) for spec in args.arm)  # the arms this command defines
     args.arm_overrides = {**ARMS, **args.defined, PEER: []}
     # sample and score read a trained arm's overrides from its ARM.pt (trained_overrides)

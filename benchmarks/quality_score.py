@@ -1,5 +1,6 @@
-"""benchmarks/quality.py's scoring: FID/KID (and FRD) of one sample set against the held-out
-reference, the blob rate, and the Markdown table and dgan/peer ratios of a results.json.
+"""benchmarks/quality.py's scoring: how well the domain extractor separates the classes, FID/KID
+(and FRD) of one sample set against the held-out reference, the blob rate, and the Markdown table
+and dgan/peer ratios of a results.json.
 
 dgan.metrics is imported where it is used: quality.py imports this module, and its sample phase
 must run where torch-fidelity (and the frd extra) are not installed."""
@@ -9,6 +10,20 @@ import json
 from pathlib import Path
 
 import torch
+
+
+@torch.no_grad()
+def held_out_accuracy(path: Path, data: dict, device: str) -> float:
+    """How well the extractor's features separate the classes on images it never saw: balanced
+    accuracy of a nearest-class-mean rule on the features, fitted on the training part. A sanity
+    check that the feature space carries the domain signal FID/KID are meant to compare."""
+    net = torch.jit.load(str(path), map_location=device).eval()
+    feats = {k: torch.cat([net(x.to(device)).cpu() for x in data[f"{k}_images"].split(256)])
+             for k in ("train", "ref")}
+    means = torch.stack([feats["train"][data["train_labels"] == c].mean(0) for c in (0, 1)])
+    pred = torch.cdist(feats["ref"], means).argmin(1)
+    # Balanced (mean per-class recall): with 89% pneumonia, plain accuracy rewards a constant answer.
+    return float(torch.stack([(pred[data["ref_labels"] == c] == c).float().mean() for c in (0, 1)]).mean())
 
 
 def detail_energy(images_u8: torch.Tensor) -> torch.Tensor:

@@ -105,21 +105,39 @@ def test_an_earlier_score_made_otherwise_is_set_aside(tmp_path):
 def test_more_samples_extend_the_earlier_ones_as_one_run_would(tmp_path, monkeypatch):
     # batches of 2 stand in for quality's 500, so that a run of 4 images has two batches
     monkeypatch.setattr(quality, "SAMPLE_BATCH", 2)
+    drawn = []  # the `first` of every sample_arm call that draws more than the one-image check
+    real_sample_arm = quality.sample_arm
+
+    def spy(args, out, arm, sampler, steps, n, first=0):
+        if n > 1:
+            drawn.append(first)
+        return real_sample_arm(args, out, arm, sampler, steps, n, first)
+
+    monkeypatch.setattr(quality, "sample_arm", spy)
     save_arm(tmp_path, "narrow", NARROW, weights=True)
     cmd = ["--phase", "sample", "--out", str(tmp_path), "--arms", "narrow", "--device", "cpu"]
     path = tmp_path / "samples-narrow-ddim10.pt"
     quality.phase_sample(quality.parse_args([*cmd, "--samples", "2"]), tmp_path)
     first = torch.load(path, weights_only=True)
+    drawn.clear()
     quality.phase_sample(quality.parse_args([*cmd, "--samples", "4"]), tmp_path)
     extended = torch.load(path, weights_only=True)
+    assert drawn == [2, 2]  # ddim10 and ddim50: only images 2 and 3 drawn
     assert extended.shape == (4, 1, 32, 32) and torch.equal(extended[:2], first)
     path.unlink()
+    drawn.clear()
     quality.phase_sample(quality.parse_args([*cmd, "--samples", "4"]), tmp_path)
+    assert drawn == [0]  # ddim10 from scratch; ddim50 already holds 4, so nothing is drawn
     assert torch.equal(torch.load(path, weights_only=True), extended)  # what one run of 4 makes
-    # weights saved after the samples: every image is drawn again, none kept
-    torch.save(torch.zeros(2, 1, 32, 32, dtype=torch.uint8), path)
-    save_arm(tmp_path, "narrow", NARROW, weights=True)
-    assert quality.samples_to_keep(tmp_path, "narrow", path, 4) is None
+    # a file another seed (or other weights) made is drawn again in full, not extended
+    torch.save(255 - first, path)
+    assert quality.samples_to_keep(quality.parse_args(cmd), tmp_path, "narrow", "ddim", 10, path, 4) is None
+    # and a float16 file from before the uint8 format, and DDPM (fresh noise per step), never
+    torch.save(first.float().div(127.5).sub(1).half(), path)
+    assert quality.samples_to_keep(quality.parse_args(cmd), tmp_path, "narrow", "ddim", 10, path, 4) is None
+    assert quality.samples_to_keep(quality.parse_args(cmd), tmp_path, "narrow", "ddpm", 10, path, 4) is None
+    with pytest.raises(SystemExit):
+        quality.parse_args([*cmd, "--samples", "0"])
 
 
 def test_a_score_at_another_sample_count_is_set_aside(tmp_path):
