@@ -56,6 +56,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
+from dgan.pixels import to_uint8  # noqa: E402  (light: no torch-fidelity, which sample must not need)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_ddpm  # noqa: E402  (benchmarks/ is not a package)
@@ -108,7 +110,7 @@ def budget_minutes(args: argparse.Namespace) -> float | None:
 
 def phase_prepare(args: argparse.Namespace, out: Path) -> None:
     from dgan.data import build_eval_images
-    from dgan.metrics import to_uint8, train_domain_extractor
+    from dgan.metrics import train_domain_extractor
 
     cfg = run_config(args, run_overrides(args, "hybrid"))
     images, labels = build_eval_images(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.channels,
@@ -268,8 +270,6 @@ def samples_to_keep(args: argparse.Namespace, out: Path, arm: str, sampler: str,
     unless it holds n already (sample_arm's `first`), and when its first image is what this arm,
     seed and sampler draw now: another seed or retrained weights change every pixel, while a
     batch of 1 against 500 moves none by more than float rounding."""
-    from dgan.pixels import to_uint8
-
     if sampler == "ddpm" or not path.is_file():
         return None
     kept = torch.load(path, weights_only=True)
@@ -281,7 +281,6 @@ def samples_to_keep(args: argparse.Namespace, out: Path, arm: str, sampler: str,
 
 def phase_sample(args: argparse.Namespace, out: Path) -> None:
     from dgan.generation import save_grid
-    from dgan.pixels import to_uint8
 
     for arm in args.arms:
         for sampler, steps in samplings(args):
@@ -289,8 +288,7 @@ def phase_sample(args: argparse.Namespace, out: Path) -> None:
             kept = samples_to_keep(args, out, arm, sampler, steps, path, n) if args.samples else None
             first = 0 if kept is None else kept.shape[0]
             clock = time.perf_counter()
-            # uint8, exactly what is scored (half fp16's bytes, so a GPU run's samples travel back);
-            # dgan.pixels, not dgan.metrics: this phase must not need torch-fidelity.
+            # uint8, exactly what is scored (half fp16's bytes, so a GPU run's samples travel back)
             parts = [] if kept is None else [kept]
             if first < n:
                 parts.append(to_uint8(sample_arm(args, out, arm, sampler, steps, n, first)))
@@ -302,8 +300,6 @@ def phase_sample(args: argparse.Namespace, out: Path) -> None:
 
 
 def phase_score(args: argparse.Namespace, out: Path) -> dict:
-    from dgan.metrics import to_uint8
-
     data = torch.load(out / "data.pt", weights_only=True)
     real, extractor = data["ref_images"], out / "extractor.pt"
     frd_samples = args.frd_samples if frd_available() and not args.no_frd else 0
