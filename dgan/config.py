@@ -64,9 +64,6 @@ class DiffusionConfig:
     # Where DDIM / DPM-Solver++ evaluate G. quadratic: dense near t = 0, where the image's detail is
     # decided, and no evaluation wasted at t = 0 itself (Diffusion.timesteps_for; RESULTS.md, issue 10)
     timestep_spacing: Literal["uniform", "quadratic"] = "quadratic"
-    # Where training draws t. quadratic: t = floor(T u^2), the sampler grid's own density (most of it
-    # near t = 0, where G must still remove the last noise); uniform: the textbook DDPM draw.
-    train_t_density: Literal["uniform", "quadratic"] = "uniform"
 
 
 @dataclass

@@ -17,7 +17,6 @@ log interval by the caller, and a non-finite step is skipped on device (see `app
 """
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -99,27 +98,19 @@ def with_cond(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     return x if cond is None else torch.cat([x, cond], dim=1)
 
 
-def draw_timesteps(batch: int, num_steps: int, adv_t_max: int, device: torch.device,
-                   density: str = "uniform") -> tuple[torch.Tensor, int]:
-    """Diffusion timesteps for a batch (diffusion.train_t_density: uniform, or quadratic t = floor(T u^2)),
-    the ones that yield fakes (t <= adv_t_max) first; returns (t [batch], k = how many of them yield fakes).
+def draw_timesteps(batch: int, num_steps: int, adv_t_max: int, device: torch.device
+                   ) -> tuple[torch.Tensor, int]:
+    """Uniform diffusion timesteps for a batch, the ones that yield fakes (t <= adv_t_max) first;
+    returns (t [batch], k = how many of them yield fakes).
 
     Why: D only judges fakes from t <= adv_t_max, about 1 sample in 10. k is drawn first, as a
-    Binomial(batch, P(t <= adv_t_max)) on the CPU generator (a host number: no device sync, and
+    Binomial(batch, (adv_t_max + 1) / T) on the CPU generator (a host number: no device sync, and
     its state is checkpointed); then k timesteps from [0, adv_t_max] and the rest from the others.
-    On an exchangeable (shuffled) batch that is exactly the law of `batch` independent draws, and D runs
+    On an exchangeable (shuffled) batch that is exactly the law of `batch` uniform draws, and D runs
     on k fakes instead of all B fakes under a mask: the same losses at about half D's cost.
     """
     p = min(1.0, (adv_t_max + 1) / num_steps)
-    if density == "quadratic":
-        p = math.sqrt(p)  # floor(T u^2) <= a  <=>  u < sqrt((a + 1) / T)
     k = int(torch.binomial(torch.tensor(float(batch)), torch.tensor(p)))
-    if density == "quadratic":  # inverse CDF on each side of the split; clamps only absorb rounding
-        u_low = torch.rand(k, device=device) * p
-        u_high = p + (1.0 - p) * torch.rand(batch - k, device=device)
-        low = (num_steps * u_low ** 2).long().clamp(max=adv_t_max)
-        high = (num_steps * u_high ** 2).long().clamp(adv_t_max + 1, num_steps - 1)
-        return torch.cat([low, high]), k
     low = torch.randint(0, adv_t_max + 1, (k,), device=device)
     if k == batch:
         return low, k
@@ -273,7 +264,7 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
     g, dev, B = cfg.gan, x0.device, x0.shape[0]
     # recon: the first k samples of the batch have t <= adv_t_max and make the fakes; samples: the
     # fakes' x_t (G's own) ride along after the batch, so one DDP forward serves both losses.
-    t, k = draw_timesteps(B, tr.diffusion.num_steps, g.adv_t_max, dev, cfg.diffusion.train_t_density)
+    t, k = draw_timesteps(B, tr.diffusion.num_steps, g.adv_t_max, dev)
     eps = torch.randn_like(x0)
     x_t = tr.diffusion.q_sample(x0, t, eps)
     x_in, t_in, y_in, c_in = x_t, t, y_g, cond

@@ -100,23 +100,6 @@ def test_timesteps_are_uniform_with_the_fakes_first():
     assert draw_timesteps(8, 1000, 999, torch.device("cpu"))[1] == 8  # every t yields a fake
 
 
-def test_quadratic_timesteps_follow_the_sampler_grids_density():
-    """diffusion.train_t_density=quadratic: t = floor(T u^2), so P(t <= a) = sqrt((a + 1) / T), with the
-    fakes' timesteps still first and every t in 0..T-1."""
-    torch.manual_seed(0)
-    ts = []
-    for _ in range(2000):
-        t, k = draw_timesteps(64, 1000, 300, torch.device("cpu"), "quadratic")
-        assert bool((t[:k] <= 300).all()) and bool((t[k:] > 300).all())
-        ts.append(t)
-    t = torch.cat(ts).float()
-    for a in (9, 99, 300, 624):
-        assert abs(float((t <= a).float().mean()) - ((a + 1) / 1000) ** 0.5) < 0.005
-    assert int(t.min()) == 0 and int(t.max()) == 999
-    t, k = draw_timesteps(8, 1000, 999, torch.device("cpu"), "quadratic")
-    assert k == 8 and bool((t <= 999).all())
-
-
 def test_r1_runs_only_every_r1_every_steps(tiny_overrides, monkeypatch):
     cfg, tr = make(tiny_overrides, "gan.r1_every=4", "gan.r1_gamma=1.0")
     seen = []
