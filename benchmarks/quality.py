@@ -238,10 +238,11 @@ SAMPLE_BATCH = 500  # sample_arm's batch for dgan arms
 
 
 def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int,
-               first: int = 0) -> torch.Tensor:
+               first: int = 0, sampling: tuple[str, ...] = ()) -> torch.Tensor:
     """Samples first..n-1 of this arm; with `first` a multiple of SAMPLE_BATCH the batches are those
     of one run of 0..n-1, so the images are bit-identical to it (DDPM's step noise, seeded per
-    batch, is the same too)."""
+    batch, is the same too). `sampling`: overrides that change only how it samples
+    (benchmarks/sample_floor.py's diffusion.sample_t_min)."""
     from dgan.diffusion import Diffusion
     from dgan.generation import generate_indices, initial_noise
     from dgan.trainer import build_models
@@ -252,7 +253,7 @@ def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, step
             raise SystemExit("the peer arm samples with DDIM only (its recipe); drop --ddpm/--dpm or the peer arm")
         x_T = initial_noise(range(first, n), args.seed, (1, 32, 32)).to(args.device)
         return peer_ddpm.sample_peer(state["ema"], x_T, steps)
-    cfg = run_config(args, trained_overrides(args, arm, state))
+    cfg = run_config(args, [*trained_overrides(args, arm, state), *sampling])
     device = torch.device(cfg.train.device)
     G, _ = build_models(cfg, device)
     G.load_state_dict(state["ema"])

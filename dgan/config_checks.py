@@ -101,6 +101,8 @@ def validate(cfg) -> None:
              "must be > 0, or null to decay over train.total_kimg")
     _require(0 <= t.lr_min_ratio <= 1, "train.lr_min_ratio", f"{t.lr_min_ratio} is not in [0, 1]; 0.1 decays to a tenth")
     _require(d.min_snr_gamma >= 0, "diffusion.min_snr_gamma", "must be >= 0 (0 = off, 5 is the paper's value)")
+    _require(0 <= d.sample_t_min < d.num_steps, "diffusion.sample_t_min",
+             f"must be in [0, {d.num_steps - 1}] (9 = the 10-step grid's last timestep; 0 = down to t = 0)")
     for name in ("betas_g", "betas_d"):
         b = getattr(t, name)
         _require(len(b) == 2 and all(0 <= v < 1 for v in b), f"train.{name}", "two values in [0, 1)")

@@ -57,16 +57,17 @@ class Diffusion:
     def from_config(cls, dc, device: torch.device | str = "cpu") -> "Diffusion":
         """The process a DiffusionConfig (cfg.diffusion) describes: the one place that maps it."""
         return cls(dc.num_steps, dc.schedule, dc.beta_start, dc.beta_end, device=device,
-                   prediction=dc.prediction, spacing=dc.timestep_spacing)
+                   prediction=dc.prediction, spacing=dc.timestep_spacing, t_min=dc.sample_t_min)
 
     def __init__(self, num_steps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, device: torch.device | str = "cpu", prediction: str = "eps",
-                 spacing: str = "uniform") -> None:
+                 spacing: str = "uniform", t_min: int = 0) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
         if spacing not in SPACINGS:
             raise ValueError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
         self.spacing = spacing
+        self.t_min = int(t_min)  # the samplers' lowest timestep (timestep_grid)
         self.num_steps = int(num_steps)
         self.schedule = schedule
         # What the network outputs (see model_x0): "eps" (Ho et al.) or "v" (Salimans & Ho 2022)
@@ -185,8 +186,9 @@ class Diffusion:
     # ----------------------------------------------------------------- sampler helpers
 
     def timesteps_for(self, steps: int) -> torch.LongTensor:
-        """`steps` distinct timesteps from T-1 down (CPU LongTensor), spaced by self.spacing."""
-        return timestep_grid(self.num_steps, steps, self.spacing)
+        """`steps` distinct timesteps from T-1 down to at least self.t_min (CPU LongTensor), spaced by
+        self.spacing."""
+        return timestep_grid(self.num_steps, steps, self.spacing, self.t_min)
 
     def abar_at(self, t: Optional[int]) -> float:
         """alpha_bar at timestep t as a float64 scalar; None means clean data (alpha_bar = 1)."""

@@ -115,6 +115,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=5000, help="generated images for FID/KID/FRD")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=50, help="sampler steps (ddpm always runs all T)")
+    p.add_argument("--t-min", type=int, default=None,
+                   help="no sampler step below this timestep (default: the run's diffusion.sample_t_min)")
     p.add_argument("--batch-size", type=int, default=64, help="per-rank generation batch")
     p.add_argument("--seed", type=_non_negative, default=0)
     p.add_argument("--guidance", type=float, default=1.0,
@@ -151,7 +153,7 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
     # Rank 0 decides: a checkpoint written meanwhile must not make ranks evaluate different files.
     # Its rank-0-only work goes through dist.on_main, so a failure there stops every rank.
     ckpt, run_dir = dist.on_main(lambda: find_checkpoint(args.run, args.checkpoint, args.root))
-    G, cfg, diffusion, _ = load_generator(ckpt, device)
+    G, cfg, diffusion, _ = load_generator(ckpt, device, args.t_min)
     if args.report and cfg.model.num_classes < 2 and "utility" in chosen:
         chosen.remove("utility")  # --report asks for everything that applies; utility needs classes
         dist.print0("dgan.evaluate: --report: no utility score, the model is unconditional")

@@ -27,7 +27,7 @@ from dgan import distributed as dist
 from dgan.checkpoint import CheckpointError, load_checkpoint
 from dgan.config import Config, config_from_dict
 from dgan.diffusion import Diffusion
-from dgan.errors import EvalError
+from dgan.errors import EvalError, UsageError
 from dgan.models import Generator
 from dgan.pixels import to_uint8
 from dgan.seeding import Stream, stream_generator
@@ -115,8 +115,10 @@ def save_image(x: torch.Tensor, path: Path, bit_depth: int = 8) -> None:
     Image.fromarray(arr[..., 0] if x.shape[0] == 1 else arr).save(path)
 
 
-def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, Diffusion, dict]:
-    """The EMA generator of a checkpoint, built from the config stored in it."""
+def load_generator(checkpoint: str | Path, device: torch.device, t_min: Optional[int] = None
+                   ) -> tuple[torch.nn.Module, Config, Diffusion, dict]:
+    """The EMA generator of a checkpoint, built from the config stored in it; `t_min` (the CLIs' --t-min)
+    replaces its diffusion.sample_t_min, the samplers' lowest timestep."""
     payload = load_checkpoint(checkpoint, map_location="cpu")
     cfg = config_from_dict(payload["metadata"]["config"])
     G = Generator.from_config(cfg.model, encoder_weights=False)  # the checkpoint's weights replace them
@@ -126,6 +128,11 @@ def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.
         G.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint}: EMA weights do not fit the stored config ({str(e).splitlines()[0]})")
+    if t_min is not None:
+        if not 0 <= t_min < cfg.diffusion.num_steps:
+            raise UsageError(f"--t-min {t_min}: must be in 0..{cfg.diffusion.num_steps - 1} (9 = the 10-step grid's "
+                             "last timestep, 0 = down to t = 0)")
+        cfg.diffusion.sample_t_min = t_min
     diffusion = Diffusion.from_config(cfg.diffusion, device=device)
     return G.to(device).eval(), cfg, diffusion, payload["metadata"]
 

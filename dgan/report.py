@@ -80,6 +80,7 @@ def build_report(result: EvalResult, args: argparse.Namespace, record: dict, run
         "num_samples": 0 if result.samples is None else int(result.samples.shape[0]),
         "sampler": args.sampler,
         "steps": diffusion.num_steps if args.sampler == "ddpm" else args.steps,  # DDPM always runs T steps
+        "t_min": 0 if args.sampler == "ddpm" else diffusion.t_min,  # the grid's floor (DDPM: every step)
         "seed": args.seed,
         "guidance": args.guidance,
         "batch_size": args.batch_size,

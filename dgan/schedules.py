@@ -48,24 +48,32 @@ def make_betas(schedule: str, num_steps: int, beta_start: float = 1e-4,
     raise ValueError(f"unknown beta schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
 
 
-def timestep_grid(num_steps: int, steps: int, spacing: str) -> torch.LongTensor:
-    """`steps` distinct timesteps from T-1 down (CPU LongTensor) on a T = num_steps schedule.
+def timestep_grid(num_steps: int, steps: int, spacing: str, t_min: int = 0) -> torch.LongTensor:
+    """`steps` distinct timesteps from T-1 down to at least t_min (CPU LongTensor) on a T = num_steps
+    schedule.
 
-    uniform: evenly from T-1 to 0. quadratic: t_k = T (k/steps)^2 - 1 for k = steps..1 (the
+    uniform: evenly from T-1 to t_min. quadratic: t_k = T (k/steps)^2 - 1 for k = steps..1 (the
     DDIM paper's quadratic grid, "trailing" so it starts exactly at T-1). It spends the
-    evaluations where the image's detail is decided, near t = 0, and none at t = 0 itself,
-    where x_t is already clean to 1e-4; the uniform grid spends 1 of 10 there and jumps from
-    t = 111 (noise std 0.37) to clean in one step. Measured on PneumoniaMNIST (RESULTS.md):
-    FID at DDIM 10 1.43 -> 0.81, at DDIM 50 0.36 -> 0.26, same weights.
+    evaluations where the image's detail is decided, near t = 0; the uniform grid jumps from
+    t = 111 (noise std 0.37) to clean in one step at 10 steps. Measured on PneumoniaMNIST
+    (RESULTS.md): FID at DDIM 10 1.43 -> 0.81, at DDIM 50 0.36 -> 0.26, same weights.
+
+    t_min: no evaluation below it (the quadratic grid's points under it are lifted to t_min,
+    t_min + 1, ...); when `steps` leaves no room, it drops to T - steps. Why (diffusion.sample_t_min):
+    below t = 9 a generator's x0 estimate can hardly beat its own input, and each DDIM step there
+    re-adds the noise it missed, which left DDIM 50 grainier than the data (RESULTS.md, issue 10).
     """
     if not 1 <= steps <= num_steps:
         raise ValueError(f"steps must be in 1..{num_steps}, got {steps}")
+    if t_min < 0:
+        raise ValueError(f"t_min must be >= 0, got {t_min}")
+    floor = min(t_min, num_steps - steps)  # room for `steps` distinct timesteps in [floor, T-1]
     if spacing == "uniform":
-        # spacing >= 1 whenever steps <= T, so rounding can never merge two timesteps
-        return torch.linspace(num_steps - 1, 0, steps, dtype=torch.float64).round().long()
+        # spacing >= 1 whenever steps <= T - floor, so rounding can never merge two timesteps
+        return torch.linspace(num_steps - 1, floor, steps, dtype=torch.float64).round().long()
     k = torch.arange(steps, 0, -1, dtype=torch.float64)
-    grid = (num_steps * (k / steps) ** 2 - 1).round().clamp(min=0).long()
-    # Near t = 0 the quadratic grid is denser than one step when steps > sqrt(T): keep the
+    grid = (num_steps * (k / steps) ** 2 - 1).round().clamp(min=floor).long()
+    # Near the floor the quadratic grid is denser than one step when steps > sqrt(T): keep the
     # timesteps distinct by lifting each, from the bottom up, to at least one above the next.
     for i in range(steps - 2, -1, -1):
         grid[i] = max(int(grid[i]), int(grid[i + 1]) + 1)

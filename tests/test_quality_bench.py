@@ -13,6 +13,7 @@ from dgan.trainer import build_models
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402  (benchmarks/ is not a package)
 import quality_score  # noqa: E402
+import sample_floor  # noqa: E402
 
 NARROW = ["model.decoder_channels=[16,8,8,8]", "diffusion.prediction=eps"]
 
@@ -147,3 +148,25 @@ def test_a_score_at_another_sample_count_is_set_aside(tmp_path):
     assert set(now["runs"]) == {"hybrid", "e2"}
     now = quality_score.keep_earlier_arms(scored({"e2": 1.6}, samples=1000), path, {"samples": 500})
     assert set(now["runs"]) == {"e2"} and (tmp_path / "results-earlier-1.json").is_file()
+
+
+def test_sample_floor_samples_the_same_noise_with_and_without_the_floor(tmp_path, monkeypatch, capsys):
+    """benchmarks/sample_floor.py: each arm sampled twice from the same noise, down to t = 0 and with
+    diffusion.sample_t_min; at DDIM 50 the grids differ below t = 9, at DDIM 10 they are the same grid."""
+    save_arm(tmp_path, "narrow", NARROW, weights=True)
+    torch.save({"ref_images": torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)}, tmp_path / "data.pt")
+    scored = []
+
+    def fake_score(real, fake, extractor, frd_samples):
+        scored.append(fake)
+        return {"fid": 1.0 + len(scored), "kid": 0.0}
+
+    monkeypatch.setattr(sample_floor, "score_set", fake_score)
+    cmd = [str(tmp_path), "--seed", "0", "--arms", "narrow", "--samples", "2"]
+    sample_floor.main(cmd)
+    assert len(scored) == 2 and scored[0].dtype == torch.uint8 and scored[0].shape == (2, 1, 32, 32)
+    assert not torch.equal(scored[0], scored[1])  # t_min 0 against 9 at DDIM 50
+    assert "| narrow | 2.000 | 3.000 | 1.500 |" in capsys.readouterr().out
+    scored.clear()
+    sample_floor.main([*cmd, "--steps", "10"])
+    assert torch.equal(scored[0], scored[1])  # the 10-step grid already ends at t = 9

@@ -64,3 +64,19 @@ def test_ddpm_sampler_runs_all_steps(checkpoint, tmp_path):
     assert sorted(images) == ["00000.png", "00001.png", "grid.png"]
     assert images["00000.png"] != images["00001.png"]
     assert "wrote 2 images" in r.stdout
+
+
+def test_t_min_moves_the_grids_floor(checkpoint, tmp_path):
+    """--t-min 9: no step below t = 9. The tiny run (T = 100) ends its 10 DDIM steps at t = 0, so the
+    images change; --t-min 0 is the run's own setting (diffusion.sample_t_min = 0), so they do not; a
+    floor outside 0..T-1 is a usage error (exit 2) that writes nothing."""
+    base = ["--checkpoint", str(checkpoint), "--n", "4", "--sampler", "ddim", "--steps", "10"]
+    outs = {}
+    for name, extra in {"run": [], "0": ["--t-min", "0"], "9": ["--t-min", "9"]}.items():
+        r = _sample(*base, *extra, "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[name] = _pngs(tmp_path / name)
+    assert outs["0"] == outs["run"]
+    assert all(outs["9"][f"{i:05d}.png"] != outs["run"][f"{i:05d}.png"] for i in range(4))
+    bad = _sample(*base, "--t-min", "100", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "--t-min 100" in bad.stderr and not (tmp_path / "bad").exists()
