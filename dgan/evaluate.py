@@ -85,6 +85,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (ddpm always runs all T)")
+    p.add_argument("--t-min", type=_non_negative, default=None,
+                   help="no sampler step below this timestep (default: the run's diffusion.sample_t_min)")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dgan.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,10 +120,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     where.add_argument("--checkpoint", help="a checkpoint file (default: the run's newest valid one)")
     p.add_argument("--root", default="runs", help="where runs live (log.root); used without --run/--checkpoint")
     p.add_argument("--num-samples", type=int, default=5000, help="generated images for FID/KID/FRD")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (ddpm always runs all T)")
-    p.add_argument("--t-min", type=int, default=None,
-                   help="no sampler step below this timestep (default: the run's diffusion.sample_t_min)")
+    _add_sampler_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="per-rank generation batch")
     p.add_argument("--seed", type=_non_negative, default=0)
     p.add_argument("--guidance", type=float, default=1.0,
