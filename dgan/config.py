@@ -64,7 +64,7 @@ class DiffusionConfig:
     # Where DDIM / DPM-Solver++ evaluate G. quadratic: dense near t = 0, where the image's detail is
     # decided, and no evaluation wasted at t = 0 itself (Diffusion.timesteps_for; RESULTS.md, issue 10)
     timestep_spacing: Literal["uniform", "quadratic"] = "quadratic"
-    # The samplers' lowest timestep (0: down to t = 0). 9, the 10-step grid's last: FID at DDIM 50 3-23%
+    # The samplers' lowest timestep (0: down to t = 0). 9, the 10-step grid's last: FID at DDIM 50 0-23%
     # lower after 28 kimg (five seeds), mixed after 100 (RESULTS.md, "the DDIM-50 grain"); dgan.sample --t-min.
     sample_t_min: int = 0
 

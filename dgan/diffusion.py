@@ -66,6 +66,8 @@ class Diffusion:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
         if spacing not in SPACINGS:
             raise ValueError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+        if not 0 <= t_min < num_steps:
+            raise ValueError(f"t_min must be in 0..{num_steps - 1} (the samplers' lowest timestep), got {t_min}")
         self.spacing = spacing
         self.t_min = int(t_min)  # the samplers' lowest timestep (timestep_grid)
         self.num_steps = int(num_steps)

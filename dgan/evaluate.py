@@ -60,7 +60,7 @@ from dgan.audit import AUDIT_METRICS, DEFAULT_UTILITY_PER_CLASS
 from dgan.config import int_list_arg
 from dgan.diffusion import SAMPLERS
 from dgan.errors import DganError, report
-from dgan.generation import load_generator
+from dgan.generation import load_generator, sampler_floor
 from dgan.inpaint import add_inpaint_args, run_inpaint_task
 from dgan.reference import LABEL_SHIFT_WARNING, REFERENCES, reference_split
 from dgan.report import checkpoint_record, print_report, write_outputs
@@ -157,7 +157,7 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
     # Rank 0 decides: a checkpoint written meanwhile must not make ranks evaluate different files.
     # Its rank-0-only work goes through dist.on_main, so a failure there stops every rank.
     ckpt, run_dir = dist.on_main(lambda: find_checkpoint(args.run, args.checkpoint, args.root))
-    G, cfg, diffusion, _ = load_generator(ckpt, device, args.t_min)
+    G, cfg, diffusion, _ = load_generator(ckpt, device, sampler_floor(args.sampler, args.t_min))
     if args.report and cfg.model.num_classes < 2 and "utility" in chosen:
         chosen.remove("utility")  # --report asks for everything that applies; utility needs classes
         dist.print0("dgan.evaluate: --report: no utility score, the model is unconditional")

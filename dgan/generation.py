@@ -115,6 +115,13 @@ def save_image(x: torch.Tensor, path: Path, bit_depth: int = 8) -> None:
     Image.fromarray(arr[..., 0] if x.shape[0] == 1 else arr).save(path)
 
 
+def sampler_floor(sampler: str, t_min: Optional[int]) -> Optional[int]:
+    """The CLIs' --t-min, refused with DDPM (it runs every timestep, so a floor would be silently ignored)."""
+    if t_min is not None and sampler == "ddpm":
+        raise UsageError("--t-min with --sampler ddpm: DDPM runs all T steps; drop --t-min or use ddim / dpmpp2m")
+    return t_min
+
+
 def load_generator(checkpoint: str | Path, device: torch.device, t_min: Optional[int] = None
                    ) -> tuple[torch.nn.Module, Config, Diffusion, dict]:
     """The EMA generator of a checkpoint, built from the config stored in it; `t_min` (the CLIs' --t-min)

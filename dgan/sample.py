@@ -19,7 +19,7 @@ import torch
 from dgan.config import positive_int_arg
 from dgan.diffusion import SAMPLERS
 from dgan.errors import DganError, UsageError, report
-from dgan.generation import generate, load_generator, save_grid, save_image
+from dgan.generation import generate, load_generator, sampler_floor, save_grid, save_image
 from dgan.inpaint import add_inpaint_args, inpaint_cli
 from dgan.rundir import output_dir
 from dgan.superres import super_resolve_cli
@@ -66,7 +66,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _sample_cli(args: argparse.Namespace, device: torch.device) -> int:
-    G, cfg, diffusion, meta = load_generator(args.checkpoint, device, args.t_min)
+    G, cfg, diffusion, meta = load_generator(args.checkpoint, device, sampler_floor(args.sampler, args.t_min))
     if args.label is not None and not 0 <= args.label < max(cfg.model.num_classes, 1):
         raise UsageError(f"--class {args.label} but the model has num_classes={cfg.model.num_classes}")
     if args.sampler != "ddpm" and args.steps > diffusion.num_steps:
@@ -76,7 +76,8 @@ def _sample_cli(args: argparse.Namespace, device: torch.device) -> int:
         return super_resolve_cli(args, G, cfg, diffusion, meta)
     if args.inpaint is not None:
         return inpaint_cli(args, G, cfg, diffusion, device)
-    out = Path(args.out or output_dir(args.checkpoint, f"samples-{args.sampler}{args.steps}"))
+    floor = f"-tmin{diffusion.t_min}" if diffusion.t_min and args.sampler != "ddpm" else ""  # kept apart from t_min 0's
+    out = Path(args.out or output_dir(args.checkpoint, f"samples-{args.sampler}{args.steps}{floor}"))
     out.mkdir(parents=True, exist_ok=True)
     labels = None if args.label is None else torch.full((args.n,), args.label, dtype=torch.long)
     frames: list[torch.Tensor] = []

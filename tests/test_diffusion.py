@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dgan.config import ConfigError, load_config
+from dgan.config import load_config
 from dgan.diffusion import Diffusion
 from dgan.schedules import make_betas
 
@@ -213,32 +213,6 @@ def test_quadratic_timesteps_are_distinct_start_at_T_and_are_dense_near_zero(ste
         assert ts.tolist() == [999, 809, 639, 489, 359, 249, 159, 89, 39, 9]
     if steps == T:
         assert ts.tolist() == list(range(T - 1, -1, -1))
-
-
-@pytest.mark.parametrize("spacing", ["quadratic", "uniform"])
-def test_sample_t_min_is_the_grids_floor(spacing):
-    """diffusion.sample_t_min=9: no grid evaluates G below it; points the quadratic grid puts lower are
-    lifted to 9, 10, ... (still `steps` distinct ones), a grid with no room (steps > T - 9) goes as low
-    as it must, and the default 0 is the grid without a floor."""
-    d = Diffusion.from_config(load_config(None, [f"diffusion.timestep_spacing={spacing}",
-                                                 "diffusion.sample_t_min=9"]).diffusion)
-    free = Diffusion.from_config(load_config(None, [f"diffusion.timestep_spacing={spacing}"]).diffusion)
-    for steps in (1, 10, 20, 50, 200, 991):
-        ts = d.timesteps_for(steps)
-        assert len(ts) == steps and ts[0].item() == 999 and (ts[:-1] > ts[1:]).all()
-        assert ts[-1].item() == (9 if steps > 1 else 999)
-        assert ts[-1].item() >= free.timesteps_for(steps)[-1].item()
-    assert d.timesteps_for(1000).tolist() == list(range(999, -1, -1))  # no room: every timestep
-    assert d.timesteps_for(995)[-1].item() == 5
-    if spacing == "quadratic":
-        assert d.timesteps_for(10).tolist() == free.timesteps_for(10).tolist()  # it already ends at 9
-        assert d.timesteps_for(50).tolist()[-8:] == [25, 19, 14, 13, 12, 11, 10, 9]
-        assert free.timesteps_for(50).tolist()[-6:] == [13, 9, 5, 3, 1, 0]
-    seen = []
-    d.ddim_sample(lambda x, t: seen.append(int(t[0])) or torch.zeros_like(x), (1, 1, 4, 4), steps=50)
-    assert min(seen) == 9 and len(seen) == 50
-    with pytest.raises(ConfigError, match="diffusion.sample_t_min"):
-        load_config(None, ["diffusion.sample_t_min=1000"])
 
 
 def test_config_picks_quadratic_spacing_and_rejects_unknown():

@@ -80,3 +80,6 @@ def test_t_min_moves_the_grids_floor(checkpoint, tmp_path):
     assert all(outs["9"][f"{i:05d}.png"] != outs["run"][f"{i:05d}.png"] for i in range(4))
     bad = _sample(*base, "--t-min", "100", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "--t-min 100" in bad.stderr and not (tmp_path / "bad").exists()
+    ddpm = _sample("--checkpoint", str(checkpoint), "--n", "1", "--sampler", "ddpm", "--t-min", "9",
+                   "--out", str(tmp_path / "ddpm"))
+    assert ddpm.returncode == 2 and "--sampler ddpm" in ddpm.stderr and not (tmp_path / "ddpm").exists()
