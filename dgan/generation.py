@@ -136,11 +136,11 @@ def load_generator(checkpoint: str | Path, device: torch.device, t_min: Optional
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint}: EMA weights do not fit the stored config ({str(e).splitlines()[0]})")
     if t_min is not None:
-        if not 0 <= t_min < cfg.diffusion.num_steps:
-            raise UsageError(f"--t-min {t_min}: must be in 0..{cfg.diffusion.num_steps - 1} (9 = the 10-step grid's "
-                             "last timestep, 0 = down to t = 0)")
         cfg.diffusion.sample_t_min = t_min
-    diffusion = Diffusion.from_config(cfg.diffusion, device=device)
+    try:  # Diffusion owns the range check; here a bad floor can only come from the command line
+        diffusion = Diffusion.from_config(cfg.diffusion, device=device)
+    except ValueError as e:
+        raise UsageError(f"--t-min {t_min}: {e}; 9 is the 10-step grid's last timestep, 0 goes down to t = 0")
     return G.to(device).eval(), cfg, diffusion, payload["metadata"]
 
 
