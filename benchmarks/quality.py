@@ -237,34 +237,42 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 SAMPLE_BATCH = 500  # sample_arm's batch for dgan arms
 
 
+def load_arm(args: argparse.Namespace, out: Path, arm: str, sampling: tuple[str, ...] = ()):
+    """(EMA G in eval mode, its Diffusion, its config) of a trained dgan arm, rebuilt from its record."""
+    from dgan.diffusion import Diffusion
+    from dgan.trainer import build_models
+
+    state = torch.load(out / f"{arm}.pt", weights_only=True)
+    cfg = run_config(args, [*trained_overrides(args, arm, state), *sampling])
+    device = torch.device(cfg.train.device)
+    G, _ = build_models(cfg, device)
+    G.load_state_dict(state["ema"])
+    return G.eval(), Diffusion.from_config(cfg.diffusion, device=device), cfg
+
+
 def sample_arm(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int,
                first: int = 0, sampling: tuple[str, ...] = ()) -> torch.Tensor:
     """Samples first..n-1 of this arm; with `first` a multiple of SAMPLE_BATCH the batches are those
     of one run of 0..n-1, so the images are bit-identical to it (DDPM's step noise, seeded per
     batch, is the same too). `sampling`: overrides that change only how it samples
     (benchmarks/sample_floor.py's diffusion.sample_t_min)."""
-    from dgan.diffusion import Diffusion
     from dgan.generation import generate_indices, initial_noise
-    from dgan.trainer import build_models
 
-    state = torch.load(out / f"{arm}.pt", weights_only=True)
     if arm == PEER:
         if sampler != "ddim":
             raise SystemExit("the peer arm samples with DDIM only (its recipe); drop --ddpm/--dpm or the peer arm")
+        state = torch.load(out / f"{arm}.pt", weights_only=True)
         x_T = initial_noise(range(first, n), args.seed, (1, 32, 32)).to(args.device)
         return peer_ddpm.sample_peer(state["ema"], x_T, steps)
-    cfg = run_config(args, [*trained_overrides(args, arm, state), *sampling])
+    G, diffusion, cfg = load_arm(args, out, arm, sampling)
     device = torch.device(cfg.train.device)
-    G, _ = build_models(cfg, device)
-    G.load_state_dict(state["ema"])
-    diffusion = Diffusion.from_config(cfg.diffusion, device=device)
     return generate_indices(G, diffusion, range(first, n), sampler=sampler, steps=steps, seed=args.seed,
                             channels=cfg.model.channels, image_size=cfg.model.image_size, num_classes=0,
                             batch_size=SAMPLE_BATCH, device=device)
 
 
 def samples_to_keep(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, path: Path,
-                    n: int) -> torch.Tensor | None:
+                    n: int, sampling: tuple[str, ...] = ()) -> torch.Tensor | None:
     """The images of an earlier samples file that a run of 0..n-1 would make again, so --samples
     need not draw them twice; else None (draw all n). Kept only from a deterministic sampler (DDPM
     draws fresh noise per step), as uint8 (older files are float16), a whole number of batches
@@ -276,8 +284,20 @@ def samples_to_keep(args: argparse.Namespace, out: Path, arm: str, sampler: str,
     kept = torch.load(path, weights_only=True)
     if kept.dtype != torch.uint8 or (kept.shape[0] < n and kept.shape[0] % SAMPLE_BATCH):
         return None
-    probe = to_uint8(sample_arm(args, out, arm, sampler, steps, 1))[0]
+    probe = to_uint8(sample_arm(args, out, arm, sampler, steps, 1, sampling=sampling))[0]
     return kept[:n] if (probe.int() - kept[0].int()).abs().max() <= 2 else None
+
+
+def draw_cell(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int, path: Path,
+              reuse: bool, sampling: tuple[str, ...] = ()) -> tuple[torch.Tensor, int]:
+    """The n uint8 samples (what is scored) of one arm and sampler, and how many of them were kept
+    from the file at `path` (with `reuse`; see samples_to_keep) rather than drawn. Saves nothing."""
+    kept = samples_to_keep(args, out, arm, sampler, steps, path, n, sampling) if reuse else None
+    first = 0 if kept is None else kept.shape[0]
+    parts = [] if kept is None else [kept]
+    if first < n:
+        parts.append(to_uint8(sample_arm(args, out, arm, sampler, steps, n, first, sampling)))
+    return torch.cat(parts), first
 
 
 def phase_sample(args: argparse.Namespace, out: Path) -> None:
@@ -286,14 +306,9 @@ def phase_sample(args: argparse.Namespace, out: Path) -> None:
     for arm in args.arms:
         for sampler, steps in samplings(args):
             n, path = sample_count(args, sampler), out / f"samples-{arm}-{sampler}{steps}.pt"
-            kept = samples_to_keep(args, out, arm, sampler, steps, path, n) if args.samples else None
-            first = 0 if kept is None else kept.shape[0]
             clock = time.perf_counter()
-            # uint8, exactly what is scored (half fp16's bytes, so a GPU run's samples travel back)
-            parts = [] if kept is None else [kept]
-            if first < n:
-                parts.append(to_uint8(sample_arm(args, out, arm, sampler, steps, n, first)))
-            x = torch.cat(parts)
+            x, first = draw_cell(args, out, arm, sampler, steps, n, path, reuse=bool(args.samples))
+            # uint8 (half fp16's bytes, so a GPU run's samples travel back); cut to n, the count scored
             torch.save(x, path)
             save_grid(x[:64].float().div(127.5).sub(1.0), out / f"grid-{arm}-{sampler}{steps}.png", nrow=8)
             print(f"sample: {arm} {sampler}{steps}: {n - first} images in {time.perf_counter() - clock:.0f} s"

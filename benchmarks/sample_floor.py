@@ -1,5 +1,7 @@
 """The samplers' floor (diffusion.sample_t_min) on trained arms: the same weights and noise sampled with
-the grid down to t = 0 and with no evaluation below the floor, side by side, in one run.
+the grid down to t = 0 and with no evaluation below the floor, side by side, in one run. The samples
+are kept beside quality.py's (samples-ARM-ddim50.pt and samples-ARM-ddim50-tmin9.pt) and reused, so a
+second run, or one with more --samples, draws only what is missing.
 
     python benchmarks/sample_floor.py runs/b0 --seed 0 --arms diffusion,hybrid --samples 500
     python benchmarks/sample_floor.py runs/cpu4 --seed 4 --preset cpu --arms diffusion,t3x --steps 50
@@ -15,17 +17,17 @@ the data (edge energy 1.05-1.10x the reals'; benchmarks/RESULTS.md, issue 10).
 """
 from __future__ import annotations
 
-import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (benchmarks/ is not a package)
+import quality_folder  # noqa: E402
 from quality_score import score_set  # noqa: E402
 
-from dgan.pixels import to_uint8  # noqa: E402
 
 
 def edge_energy(images_u8: torch.Tensor) -> float:
@@ -34,17 +36,27 @@ def edge_energy(images_u8: torch.Tensor) -> float:
     return float(((x[..., 1:] - x[..., :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()) / 2)
 
 
+def floor_cell(args, out: Path, arm: str, steps: int, n: int, t_min: int) -> torch.Tensor:
+    """n DDIM samples of one arm with this floor. Samples files are reused and extended, never cut:
+    t_min 0 is quality.py's own samples-ARM-ddimSTEPS.pt, a floor gets its own ...-tminN.pt."""
+    path = out / (f"samples-{arm}-ddim{steps}.pt" if t_min == 0 else f"samples-{arm}-ddim{steps}-tmin{t_min}.pt")
+    clock = time.perf_counter()
+    fake, first = quality.draw_cell(args, out, arm, "ddim", steps, n, path, reuse=True,
+                                    sampling=(f"diffusion.sample_t_min={t_min}",))
+    if first < n:  # a longer file stays as it is: quality.py's score phase needs its count
+        torch.save(fake, path)
+    print(f"  {arm} t_min {t_min}: {n - first} drawn in {time.perf_counter() - clock:.0f} s, {first} kept",
+          file=sys.stderr, flush=True)
+    return fake
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path, help="a benchmarks/quality.py --out folder")
-    p.add_argument("--seed", type=int, required=True, help="the seed the folder was made with")
-    p.add_argument("--preset", default="ablation", choices=sorted(quality.PRESETS))
-    p.add_argument("--arms", required=True, help="comma-separated trained arms in the folder")
+    p = quality_folder.folder_parser(__doc__)
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--t-min", type=int, default=9, help="the floor to compare with 0")
     a = p.parse_args(argv)
-    args = quality.parse_args(["--preset", a.preset, "--seed", str(a.seed), "--out", str(a.out), "--no-frd"])
+    args = quality_folder.folder_args(a)
     data = torch.load(a.out / "data.pt", weights_only=True)
     real = data["ref_images"]
     print(f"{a.out}, seed {a.seed}: DDIM {a.steps}, {a.samples} samples per cell, {real.shape[0]} held-out reals")
@@ -54,8 +66,7 @@ def main(argv=None) -> None:
     for arm in a.arms.split(","):
         cells = []
         for t_min in (0, a.t_min):
-            fake = to_uint8(quality.sample_arm(args, a.out, arm, "ddim", a.steps, a.samples,
-                                               sampling=(f"diffusion.sample_t_min={t_min}",)))
+            fake = floor_cell(args, a.out, arm, a.steps, a.samples, t_min)
             cells.append((score_set(real, fake, a.out / "extractor.pt", 0), edge_energy(fake) / edge_energy(real)))
         (s0, e0), (s1, e1) = cells
         print(f"| {arm} | {s0['fid']:.3f} | {s1['fid']:.3f} | {s1['fid'] / s0['fid']:.3f} | "

@@ -109,10 +109,10 @@ def test_more_samples_extend_the_earlier_ones_as_one_run_would(tmp_path, monkeyp
     drawn = []  # the `first` of every sample_arm call that draws more than the one-image check
     real_sample_arm = quality.sample_arm
 
-    def spy(args, out, arm, sampler, steps, n, first=0):
+    def spy(args, out, arm, sampler, steps, n, first=0, sampling=()):
         if n > 1:
             drawn.append(first)
-        return real_sample_arm(args, out, arm, sampler, steps, n, first)
+        return real_sample_arm(args, out, arm, sampler, steps, n, first, sampling)
 
     monkeypatch.setattr(quality, "sample_arm", spy)
     save_arm(tmp_path, "narrow", NARROW, weights=True)
@@ -167,6 +167,31 @@ def test_sample_floor_samples_the_same_noise_with_and_without_the_floor(tmp_path
     assert len(scored) == 2 and scored[0].dtype == torch.uint8 and scored[0].shape == (2, 1, 32, 32)
     assert not torch.equal(scored[0], scored[1])  # t_min 0 against 9 at DDIM 50
     assert "| narrow | 2.000 | 3.000 | 1.500 |" in capsys.readouterr().out
+    # both cells are kept and reused, and a smaller --samples leaves the files whole
+    first_two = list(scored)
+    scored.clear()
+    sample_floor.main([*cmd[:-1], "1"])
+    assert [x.shape[0] for x in scored] == [1, 1]
+    assert all(torch.equal(x, y[:1]) for x, y in zip(scored, first_two))
+    for name in ("samples-narrow-ddim50.pt", "samples-narrow-ddim50-tmin9.pt"):
+        assert torch.load(tmp_path / name, weights_only=True).shape[0] == 2
+    assert "1 drawn" not in capsys.readouterr().err
     scored.clear()
     sample_floor.main([*cmd, "--steps", "10"])
     assert torch.equal(scored[0], scored[1])  # the 10-step grid already ends at t = 9
+
+
+def test_low_t_fits_a_linear_denoiser_that_beats_the_noisy_input(tmp_path, capsys):
+    """benchmarks/low_t.py: on smooth images a fitted 7x7 filter removes much of the noise at t = 39
+    (its RMSE well under the noisy input's), and each arm gets a finite column."""
+    import low_t
+
+    save_arm(tmp_path, "narrow", NARROW, weights=True)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(80, 1, 40, 40), 9, stride=1)  # 32 px, smooth
+    images = (smooth - smooth.amin()) / (smooth.amax() - smooth.amin()) * 255
+    torch.save({"train_images": images[:64].to(torch.uint8), "ref_images": images[64:].to(torch.uint8)},
+               tmp_path / "data.pt")
+    low_t.main([str(tmp_path), "--seed", "0", "--arms", "narrow", "--t", "39"])
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 39 |")][0]
+    noisy, linear, narrow = (float(v) for v in row.strip("| ").split(" | ")[1:])
+    assert noisy > 0 and linear < 0.7 and narrow == narrow and narrow > 0
