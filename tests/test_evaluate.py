@@ -172,6 +172,29 @@ def test_torchrun_two_ranks_gather_exactly_n_samples_equal_to_one_process(user_e
     assert torch.equal(dump["images"], to_uint8(alone))  # in index order, equal to one process's samples
 
 
+def test_t_min_reaches_the_sampler_and_the_report(run_dir, checkpoint, loaded, extractor, tmp_path):
+    """--t-min 9 samples with no step below t = 9 (the tiny run, T = 100, ends its 4 DDIM steps at
+    t = 0, so every image changes) and records the floor; --t-min 100 on T = 100 is a usage error
+    that writes nothing."""
+    from dgan.generation import generate_indices, load_generator
+    from dgan.metrics import to_uint8
+
+    cmd = ["--fid", "--run", str(run_dir), *EVAL[:-2], "--no-mlflow", "--feature-extractor", str(extractor)]
+    r = _evaluate(*cmd, "--t-min", "9", "--dump-samples", str(tmp_path / "f.pt"), "--out", str(tmp_path / "f.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "f.json").read_text())["t_min"] == 9
+    images = torch.load(tmp_path / "f.pt", weights_only=True)["images"]
+    grids = {}
+    for t_min, (G, _, diffusion, _) in {0: loaded, 9: load_generator(checkpoint, torch.device("cpu"), 9)}.items():
+        grids[t_min] = to_uint8(generate_indices(G, diffusion, list(range(8)), sampler="ddim", steps=4, seed=0,
+                                                 channels=1, image_size=32, num_classes=0, batch_size=4,
+                                                 device=torch.device("cpu")))
+    assert torch.equal(images, grids[9])
+    assert all(not torch.equal(a, b) for a, b in zip(grids[0], grids[9]))
+    bad = _evaluate(*cmd, "--t-min", "100", "--out", str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and "--t-min 100" in bad.stderr and not (tmp_path / "bad.json").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # The pieces, in process
 # --------------------------------------------------------------------------------------------------
