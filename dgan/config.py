@@ -67,11 +67,6 @@ class DiffusionConfig:
     # The samplers' lowest timestep (0: down to t = 0). 9, the 10-step grid's last: FID at DDIM 50 0-23%
     # lower after 28 kimg (five seeds), mixed after 100 (RESULTS.md, "the DDIM-50 grain"); dgan.sample --t-min.
     sample_t_min: int = 0
-    # A share of training draws moved to t <= train_low_t_max (uniform there), the rest uniform over all t.
-    # Why: after 28 kimg G denoised worse than a 7x7 linear filter at t <= 5, where only 0.6% of uniform
-    # draws fall, and DDIM 50's steps there left a grain (RESULTS.md, issue 10). 0 = uniform t, as DDPM.
-    train_low_t_share: float = 0.0
-    train_low_t_max: int = 9
 
 
 @dataclass

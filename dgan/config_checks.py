@@ -103,9 +103,6 @@ def validate(cfg) -> None:
     _require(d.min_snr_gamma >= 0, "diffusion.min_snr_gamma", "must be >= 0 (0 = off, 5 is the paper's value)")
     _require(0 <= d.sample_t_min < d.num_steps, "diffusion.sample_t_min",
              f"must be in [0, {d.num_steps - 1}] (9 = the 10-step grid's last timestep; 0 = down to t = 0)")
-    _require(0 <= d.train_low_t_share < 1, "diffusion.train_low_t_share",
-             "must be in [0, 1) (0.05 = 5% of training draws at t <= train_low_t_max; 0 = uniform t)")
-    _require(0 <= d.train_low_t_max < d.num_steps, "diffusion.train_low_t_max", f"must be in [0, {d.num_steps - 1}]")
     for name in ("betas_g", "betas_d"):
         b = getattr(t, name)
         _require(len(b) == 2 and all(0 <= v < 1 for v in b), f"train.{name}", "two values in [0, 1)")

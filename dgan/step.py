@@ -98,11 +98,10 @@ def with_cond(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     return x if cond is None else torch.cat([x, cond], dim=1)
 
 
-def draw_timesteps(batch: int, num_steps: int, adv_t_max: int, device: torch.device,
-                   low_share: float = 0.0, low_t_max: int = 9) -> tuple[torch.Tensor, int]:
-    """Diffusion timesteps for a batch, the ones that yield fakes (t <= adv_t_max) first; returns
-    (t [batch], k = how many of them yield fakes). Uniform, or with `low_share` > 0 (diffusion.
-    train_low_t_share) the mixture (1 - low_share) U[0, T) + low_share U[0, low_t_max].
+def draw_timesteps(batch: int, num_steps: int, adv_t_max: int, device: torch.device
+                   ) -> tuple[torch.Tensor, int]:
+    """Uniform diffusion timesteps for a batch, the ones that yield fakes (t <= adv_t_max) first;
+    returns (t [batch], k = how many of them yield fakes).
 
     Why: D only judges fakes from t <= adv_t_max, about 1 sample in 10. k is drawn first, as a
     Binomial(batch, (adv_t_max + 1) / T) on the CPU generator (a host number: no device sync, and
@@ -110,8 +109,6 @@ def draw_timesteps(batch: int, num_steps: int, adv_t_max: int, device: torch.dev
     On an exchangeable (shuffled) batch that is exactly the law of `batch` uniform draws, and D runs
     on k fakes instead of all B fakes under a mask: the same losses at about half D's cost.
     """
-    if low_share > 0:
-        return _draw_with_low_share(batch, num_steps, adv_t_max, device, low_share, low_t_max)
     p = min(1.0, (adv_t_max + 1) / num_steps)
     k = int(torch.binomial(torch.tensor(float(batch)), torch.tensor(p)))
     low = torch.randint(0, adv_t_max + 1, (k,), device=device)
@@ -119,17 +116,6 @@ def draw_timesteps(batch: int, num_steps: int, adv_t_max: int, device: torch.dev
         return low, k
     high = torch.randint(adv_t_max + 1, num_steps, (batch - k,), device=device)
     return torch.cat([low, high]), k
-
-
-def _draw_with_low_share(batch: int, num_steps: int, adv_t_max: int, device: torch.device,
-                         low_share: float, low_t_max: int) -> tuple[torch.Tensor, int]:
-    """draw_timesteps' mixture: `batch` independent draws on the CPU generator (host numbers, like its
-    k: no device sync, state checkpointed), then those with t <= adv_t_max moved first, which on an
-    exchangeable batch keeps the law."""
-    from_low = torch.rand(batch) < low_share
-    t = torch.where(from_low, torch.randint(0, low_t_max + 1, (batch,)), torch.randint(0, num_steps, (batch,)))
-    fakes = t <= adv_t_max
-    return torch.cat([t[fakes], t[~fakes]]).to(device), int(fakes.sum())
 
 
 @dataclass
@@ -278,8 +264,7 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
     g, dev, B = cfg.gan, x0.device, x0.shape[0]
     # recon: the first k samples of the batch have t <= adv_t_max and make the fakes; samples: the
     # fakes' x_t (G's own) ride along after the batch, so one DDP forward serves both losses.
-    t, k = draw_timesteps(B, tr.diffusion.num_steps, g.adv_t_max, dev, cfg.diffusion.train_low_t_share,
-                          cfg.diffusion.train_low_t_max)
+    t, k = draw_timesteps(B, tr.diffusion.num_steps, g.adv_t_max, dev)
     eps = torch.randn_like(x0)
     x_t = tr.diffusion.q_sample(x0, t, eps)
     x_in, t_in, y_in, c_in = x_t, t, y_g, cond

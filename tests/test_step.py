@@ -100,24 +100,6 @@ def test_timesteps_are_uniform_with_the_fakes_first():
     assert draw_timesteps(8, 1000, 999, torch.device("cpu"))[1] == 8  # every t yields a fake
 
 
-def test_a_low_t_share_follows_its_mixture_with_the_fakes_first():
-    """diffusion.train_low_t_share 0.05 and train_low_t_max 9: 5% of draws uniform on 0..9, the rest
-    uniform on 0..999, so P(t <= 9) = 0.05 + 0.95 * 0.01, and the fakes (t <= adv_t_max) still first."""
-    torch.manual_seed(0)
-    ts = []
-    for _ in range(2000):
-        t, k = draw_timesteps(64, 1000, 100, torch.device("cpu"), 0.05, 9)
-        assert bool((t[:k] <= 100).all()) and bool((t[k:] > 100).all())
-        ts.append(t)
-    t = torch.cat(ts)
-    assert abs(float((t <= 9).float().mean()) - 0.0595) < 0.003
-    assert abs(float((t <= 100).float().mean()) - (0.05 + 0.95 * 0.101)) < 0.005
-    low = torch.bincount(t[t <= 9], minlength=10).float()
-    assert float((low / low.mean() - 1).abs().max()) < 0.1  # uniform within 0..9
-    high = torch.histc(t[t > 9].float(), bins=9, min=100, max=1000) / t.numel()
-    assert float((high - 0.095).abs().max()) < 0.005  # the rest: 0.95 x uniform
-
-
 def test_r1_runs_only_every_r1_every_steps(tiny_overrides, monkeypatch):
     cfg, tr = make(tiny_overrides, "gan.r1_every=4", "gan.r1_gamma=1.0")
     seen = []
