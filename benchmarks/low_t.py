@@ -4,8 +4,8 @@
     python benchmarks/low_t.py runs/t3x4 --seed 4 --preset cpu --arms diffusion,t3x --t 0,5,9
 
 The folder is a quality.py --out folder (data.pt and the arms' ARM.pt); --seed and --preset must be
-the ones it was made with. For each t it noises --images held-out reals (the same noise for every
-row) and prints the RMSE of each x0 estimate relative to the noisy input's own (x_t / sqrt(abar_t)):
+the ones it was made with. For each t it noises --images held-out reals (the same noisy images in
+every column) and prints the RMSE of each x0 estimate relative to the noisy input's own (x_t / sqrt(abar_t)):
 1 removes nothing, 0 is perfect.
 
 The yardstick is the best linear denoiser of its size: a 7x7 filter plus a bias, fitted by least
@@ -38,10 +38,15 @@ def patches(x: torch.Tensor) -> torch.Tensor:
 
 
 def fit_linear_denoiser(clean: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
-    """Least-squares filter weights from noisy to clean pixels (normal equations in float64: a float32
-    solve over millions of rows is ill-conditioned)."""
+    """Least-squares filter weights from noisy to clean pixels (normal equations in float64: P^T P summed
+    over half a million rows in float32 loses the digits the solve needs)."""
     P, y = patches(noisy).double(), clean.reshape(-1, 1).double()
     return torch.linalg.solve(P.T @ P, P.T @ y).float()
+
+
+def noised(x: torch.Tensor, abar: float, gen: torch.Generator) -> torch.Tensor:
+    """q(x_t | x0) at alpha_bar = abar."""
+    return abar**0.5 * x + (1 - abar) ** 0.5 * torch.randn(x.shape, generator=gen)
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,19 +73,16 @@ def main(argv=None) -> None:
     print("|---" * (3 + len(arms)) + "|")
     for t in [int(v) for v in a.t.split(",")]:
         abar = diffusion.abar_at(t)
-
-        def noised(x: torch.Tensor) -> torch.Tensor:
-            return abar**0.5 * x + (1 - abar) ** 0.5 * torch.randn(x.shape, generator=gen)
-
-        weights = fit_linear_denoiser(train, noised(train))
-        x_t = noised(held_out)
+        weights = fit_linear_denoiser(train, noised(train, abar, gen))
+        x_t = noised(held_out, abar, gen)
         base = rmse(x_t / abar**0.5, held_out)
-        linear = (patches(x_t) @ weights).reshape(held_out.shape)
+        # both clamped to the data's range, as the samplers clamp G's x0
+        linear = (patches(x_t) @ weights).reshape(held_out.shape).clamp(-1, 1)
         cells = [rmse(linear, held_out) / base]
-        tt = torch.full((held_out.shape[0],), t)
+        tt = torch.full((held_out.shape[0],), t, device=args.device)
         for G, arm_diffusion in arms.values():
             with torch.no_grad():
-                x0 = arm_diffusion.model_x0(x_t, tt, G(x_t, tt))
+                x0 = arm_diffusion.model_x0(x_t.to(args.device), tt, G(x_t.to(args.device), tt)).cpu()
             cells.append(rmse(x0.clamp(-1, 1), held_out) / base)
         print(f"| {t} | {base:.4f} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
 

@@ -277,8 +277,8 @@ def samples_to_keep(args: argparse.Namespace, out: Path, arm: str, sampler: str,
     need not draw them twice; else None (draw all n). Kept only from a deterministic sampler (DDPM
     draws fresh noise per step), as uint8 (older files are float16), a whole number of batches
     unless it holds n already (sample_arm's `first`), and when its first image is what this arm,
-    seed and sampler draw now: another seed or retrained weights change every pixel, while a
-    batch of 1 against 500 moves none by more than float rounding."""
+    seed, sampler and `sampling` overrides draw now: another seed or retrained weights change every
+    pixel, while a batch of 1 against 500 moves none by more than float rounding."""
     if sampler == "ddpm" or not path.is_file():
         return None
     kept = torch.load(path, weights_only=True)
@@ -288,11 +288,10 @@ def samples_to_keep(args: argparse.Namespace, out: Path, arm: str, sampler: str,
     return kept[:n] if (probe.int() - kept[0].int()).abs().max() <= 2 else None
 
 
-def draw_cell(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int, path: Path,
-              reuse: bool, sampling: tuple[str, ...] = ()) -> tuple[torch.Tensor, int]:
-    """The n uint8 samples (what is scored) of one arm and sampler, and how many of them were kept
-    from the file at `path` (with `reuse`; see samples_to_keep) rather than drawn. Saves nothing."""
-    kept = samples_to_keep(args, out, arm, sampler, steps, path, n, sampling) if reuse else None
+def extend_cell(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int,
+                kept: torch.Tensor | None, sampling: tuple[str, ...] = ()) -> tuple[torch.Tensor, int]:
+    """The n uint8 samples (what is scored) of one arm and sampler: `kept` (samples_to_keep's) and the
+    rest drawn; returns them and how many were kept. Saves nothing."""
     first = 0 if kept is None else kept.shape[0]
     parts = [] if kept is None else [kept]
     if first < n:
@@ -307,7 +306,8 @@ def phase_sample(args: argparse.Namespace, out: Path) -> None:
         for sampler, steps in samplings(args):
             n, path = sample_count(args, sampler), out / f"samples-{arm}-{sampler}{steps}.pt"
             clock = time.perf_counter()
-            x, first = draw_cell(args, out, arm, sampler, steps, n, path, reuse=bool(args.samples))
+            kept = samples_to_keep(args, out, arm, sampler, steps, path, n) if args.samples else None
+            x, first = extend_cell(args, out, arm, sampler, steps, n, kept)
             # uint8 (half fp16's bytes, so a GPU run's samples travel back); cut to n, the count scored
             torch.save(x, path)
             save_grid(x[:64].float().div(127.5).sub(1.0), out / f"grid-{arm}-{sampler}{steps}.png", nrow=8)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 import quality  # benchmarks/ is not a package: its scripts put it on sys.path first
 
 
@@ -16,9 +18,14 @@ def folder_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True, help="the seed the folder was made with")
     p.add_argument("--preset", default="ablation", choices=sorted(quality.PRESETS))
     p.add_argument("--arms", required=True, help="comma-separated trained dgan arms in the folder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
 def folder_args(a: argparse.Namespace) -> argparse.Namespace:
     """quality.py's own arguments for the folder of a folder_parser command."""
-    return quality.parse_args(["--preset", a.preset, "--seed", str(a.seed), "--out", str(a.out), "--no-frd"])
+    if quality.PEER in a.arms.split(","):
+        raise SystemExit(f"--arms: '{quality.PEER}' is the diffusers DDPM, which has no dgan sampler floor or "
+                         "x0 estimate to read: leave it out")
+    return quality.parse_args(["--preset", a.preset, "--seed", str(a.seed), "--out", str(a.out), "--no-frd",
+                               "--device", a.device])

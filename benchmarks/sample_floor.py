@@ -1,7 +1,8 @@
 """The samplers' floor (diffusion.sample_t_min) on trained arms: the same weights and noise sampled with
 the grid down to t = 0 and with no evaluation below the floor, side by side, in one run. The samples
-are kept beside quality.py's (samples-ARM-ddim50.pt and samples-ARM-ddim50-tmin9.pt) and reused, so a
-second run, or one with more --samples, draws only what is missing.
+are kept beside quality.py's, as samples-ARM-ddimSTEPS-tminT.pt (for t_min 0, quality.py's own
+samples-ARM-ddimSTEPS.pt is read when it holds them all), and reused, so a second run, or one with
+more --samples, draws only what is missing.
 
     python benchmarks/sample_floor.py runs/b0 --seed 0 --arms diffusion,hybrid --samples 500
     python benchmarks/sample_floor.py runs/cpu4 --seed 4 --preset cpu --arms diffusion,t3x --steps 50
@@ -29,7 +30,6 @@ import quality_folder  # noqa: E402
 from quality_score import score_set  # noqa: E402
 
 
-
 def edge_energy(images_u8: torch.Tensor) -> float:
     """Mean |difference| of horizontally and vertically neighbouring pixels, in grey levels."""
     x = images_u8.float()
@@ -37,13 +37,20 @@ def edge_energy(images_u8: torch.Tensor) -> float:
 
 
 def floor_cell(args, out: Path, arm: str, steps: int, n: int, t_min: int) -> torch.Tensor:
-    """n DDIM samples of one arm with this floor. Samples files are reused and extended, never cut:
-    t_min 0 is quality.py's own samples-ARM-ddimSTEPS.pt, a floor gets its own ...-tminN.pt."""
-    path = out / (f"samples-{arm}-ddim{steps}.pt" if t_min == 0 else f"samples-{arm}-ddim{steps}-tmin{t_min}.pt")
-    clock = time.perf_counter()
-    fake, first = quality.draw_cell(args, out, arm, "ddim", steps, n, path, reuse=True,
-                                    sampling=(f"diffusion.sample_t_min={t_min}",))
-    if first < n:  # a longer file stays as it is: quality.py's score phase needs its count
+    """n DDIM samples of one arm with this floor, kept in this script's own samples-ARM-ddimSTEPS-tminT.pt,
+    reused and extended, never cut. For t_min 0, quality.py's samples-ARM-ddimSTEPS.pt is used when it
+    holds all n; it is only read (its score phase needs its count)."""
+    sampling, clock = (f"diffusion.sample_t_min={t_min}",), time.perf_counter()
+    stock = out / f"samples-{arm}-ddim{steps}.pt"
+    kept = quality.samples_to_keep(args, out, arm, "ddim", steps, stock, n, sampling) if t_min == 0 else None
+    path = out / f"samples-{arm}-ddim{steps}-tmin{t_min}.pt"
+    if kept is None or kept.shape[0] < n:
+        kept = quality.samples_to_keep(args, out, arm, "ddim", steps, path, n, sampling)
+        if kept is None and path.is_file():
+            raise SystemExit(f"sample_floor: {path} was not drawn from {arm}.pt with --seed {args.seed}, or cannot "
+                             f"be extended to {n} images: check --seed and --preset, or delete it to draw it again")
+    fake, first = quality.extend_cell(args, out, arm, "ddim", steps, n, kept, sampling)
+    if first < n:
         torch.save(fake, path)
     print(f"  {arm} t_min {t_min}: {n - first} drawn in {time.perf_counter() - clock:.0f} s, {first} kept",
           file=sys.stderr, flush=True)

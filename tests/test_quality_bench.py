@@ -173,9 +173,21 @@ def test_sample_floor_samples_the_same_noise_with_and_without_the_floor(tmp_path
     sample_floor.main([*cmd[:-1], "1"])
     assert [x.shape[0] for x in scored] == [1, 1]
     assert all(torch.equal(x, y[:1]) for x, y in zip(scored, first_two))
-    for name in ("samples-narrow-ddim50.pt", "samples-narrow-ddim50-tmin9.pt"):
+    for name in ("samples-narrow-ddim50-tmin0.pt", "samples-narrow-ddim50-tmin9.pt"):
         assert torch.load(tmp_path / name, weights_only=True).shape[0] == 2
-    assert "1 drawn" not in capsys.readouterr().err
+    assert capsys.readouterr().err.count("0 drawn") == 2
+    # t_min 0 is read from quality.py's own file, which is never written
+    (tmp_path / "samples-narrow-ddim50-tmin0.pt").rename(tmp_path / "samples-narrow-ddim50.pt")
+    scored.clear()
+    sample_floor.main(cmd)
+    assert torch.equal(scored[0], first_two[0]) and not (tmp_path / "samples-narrow-ddim50-tmin0.pt").exists()
+    # a file this arm and seed would not draw is refused, not overwritten
+    torch.save(255 - first_two[1], tmp_path / "samples-narrow-ddim50-tmin9.pt")
+    with pytest.raises(SystemExit, match="was not drawn from narrow.pt with --seed 0"):
+        sample_floor.main(cmd)
+    assert torch.equal(torch.load(tmp_path / "samples-narrow-ddim50-tmin9.pt", weights_only=True), 255 - first_two[1])
+    with pytest.raises(SystemExit, match="'peer' is the diffusers DDPM"):
+        sample_floor.main([*cmd[:3], "--arms", "narrow,peer"])
     scored.clear()
     sample_floor.main([*cmd, "--steps", "10"])
     assert torch.equal(scored[0], scored[1])  # the 10-step grid already ends at t = 9
