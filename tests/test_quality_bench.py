@@ -13,6 +13,7 @@ from dgan.trainer import build_models
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402  (benchmarks/ is not a package)
 import quality_score  # noqa: E402
+import low_t  # noqa: E402
 import sample_floor  # noqa: E402
 
 NARROW = ["model.decoder_channels=[16,8,8,8]", "diffusion.prediction=eps"]
@@ -196,8 +197,6 @@ def test_sample_floor_samples_the_same_noise_with_and_without_the_floor(tmp_path
 def test_low_t_fits_a_linear_denoiser_that_beats_the_noisy_input(tmp_path, capsys):
     """benchmarks/low_t.py: on smooth images a fitted 7x7 filter removes much of the noise at t = 39
     (its RMSE well under the noisy input's), and each arm gets a finite column."""
-    import low_t
-
     save_arm(tmp_path, "narrow", NARROW, weights=True)
     smooth = torch.nn.functional.avg_pool2d(torch.rand(80, 1, 40, 40), 9, stride=1)  # 32 px, smooth
     images = (smooth - smooth.amin()) / (smooth.amax() - smooth.amin()) * 255
