@@ -12,9 +12,9 @@ The folder is a quality.py --out folder (data.pt, extractor.pt and the arms' ARM
 and KID against the held-out reals in that folder's domain feature space, the samples' edge energy
 (mean |difference| of neighbouring pixels) relative to the reals', and the FID ratio floor / none.
 
-Why this exists: below t = 9 the generator's x0 estimate hardly beats its own input, and each DDIM
-step there re-adds the noise it missed, so at DDIM 50 a short run's samples came out grainier than
-the data (edge energy 1.05-1.10x the reals'; benchmarks/RESULTS.md, issue 10).
+Why this exists: at DDIM 50 a short run's samples came out grainier than the data (edge energy
+1.05-1.10x the reals'), made in the steps below t = 9. There the deterministic update puts G's own
+eps estimate back in, and G cannot yet tell it from texture (benchmarks/low_t.py; RESULTS.md, issue 10).
 """
 from __future__ import annotations
 

@@ -60,8 +60,9 @@ def timestep_grid(num_steps: int, steps: int, spacing: str, t_min: int = 0) -> t
 
     t_min: no evaluation below it (the quadratic grid's points under it are lifted to t_min,
     t_min + 1, ...); when `steps` leaves no room, it drops to T - steps. Why (diffusion.sample_t_min):
-    below t = 9 a generator's x0 estimate can hardly beat its own input, and each DDIM step there
-    re-adds the noise it missed, which left DDIM 50 grainier than the data (RESULTS.md, issue 10).
+    after a short run DDIM 50's steps below t = 9 left its samples grainier than the data: there the
+    deterministic update puts G's own eps estimate back in, and G cannot yet tell it from texture
+    (RESULTS.md, issue 10).
     """
     if not 1 <= steps <= num_steps:
         raise ValueError(f"steps must be in 1..{num_steps}, got {steps}")
