@@ -1,5 +1,5 @@
 """The command line of a script that reads the trained arms of a benchmarks/quality.py --out folder
-(sample_floor.py, low_t.py)."""
+(sample_floor.py, sample_eta.py, low_t.py)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ import quality  # benchmarks/ is not a package: its scripts put it on sys.path f
 
 
 def folder_parser(doc: str) -> argparse.ArgumentParser:
-    """The arguments of a script that reads a quality.py --out folder's trained arms (sample_floor.py,
+    """The arguments of a script that reads a quality.py --out folder's trained arms (sample_floor.py, sample_eta.py,
     low_t.py): the folder, and the --seed and --preset it was made with."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("out", type=Path, help="a benchmarks/quality.py --out folder")
@@ -25,7 +25,7 @@ def folder_parser(doc: str) -> argparse.ArgumentParser:
 def folder_args(a: argparse.Namespace) -> argparse.Namespace:
     """quality.py's own arguments for the folder of a folder_parser command."""
     if quality.PEER in a.arms.split(","):
-        raise SystemExit(f"--arms: '{quality.PEER}' is the diffusers DDPM, which has no dgan sampler floor or "
+        raise SystemExit(f"--arms: '{quality.PEER}' is the diffusers DDPM, which has no dgan sampler settings or "
                          "x0 estimate to read: leave it out")
     return quality.parse_args(["--preset", a.preset, "--seed", str(a.seed), "--out", str(a.out), "--no-frd",
                                "--device", a.device])

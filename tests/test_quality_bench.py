@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402  (benchmarks/ is not a package)
 import quality_score  # noqa: E402
 import low_t  # noqa: E402
+import sample_eta  # noqa: E402
 import sample_floor  # noqa: E402
 
 NARROW = ["model.decoder_channels=[16,8,8,8]", "diffusion.prediction=eps"]
@@ -151,18 +152,25 @@ def test_a_score_at_another_sample_count_is_set_aside(tmp_path):
     assert set(now["runs"]) == {"e2"} and (tmp_path / "results-earlier-1.json").is_file()
 
 
-def test_sample_floor_samples_the_same_noise_with_and_without_the_floor(tmp_path, monkeypatch, capsys):
-    """benchmarks/sample_floor.py: each arm sampled twice from the same noise, down to t = 0 and with
-    diffusion.sample_t_min; at DDIM 50 the grids differ below t = 9, at DDIM 10 they are the same grid."""
-    save_arm(tmp_path, "narrow", NARROW, weights=True)
-    torch.save({"ref_images": torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)}, tmp_path / "data.pt")
+def folder_with_a_scored_arm(out: Path, monkeypatch, script) -> list:
+    """A quality.py folder with one untrained narrow arm and 4 random reals; `script`'s score_set is
+    replaced by one that keeps each scored set, in the list returned, and gives FID 2, 3, ... in turn."""
+    save_arm(out, "narrow", NARROW, weights=True)
+    torch.save({"ref_images": torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)}, out / "data.pt")
     scored = []
 
     def fake_score(real, fake, extractor, frd_samples):
         scored.append(fake)
         return {"fid": 1.0 + len(scored), "kid": 0.0}
 
-    monkeypatch.setattr(sample_floor, "score_set", fake_score)
+    monkeypatch.setattr(script, "score_set", fake_score)
+    return scored
+
+
+def test_sample_floor_samples_the_same_noise_with_and_without_the_floor(tmp_path, monkeypatch, capsys):
+    """benchmarks/sample_floor.py: each arm sampled twice from the same noise, down to t = 0 and with
+    diffusion.sample_t_min; at DDIM 50 the grids differ below t = 9, at DDIM 10 they are the same grid."""
+    scored = folder_with_a_scored_arm(tmp_path, monkeypatch, sample_floor)
     cmd = [str(tmp_path), "--seed", "0", "--arms", "narrow", "--samples", "2"]
     sample_floor.main(cmd)
     assert len(scored) == 2 and scored[0].dtype == torch.uint8 and scored[0].shape == (2, 1, 32, 32)
@@ -192,6 +200,32 @@ def test_sample_floor_samples_the_same_noise_with_and_without_the_floor(tmp_path
     scored.clear()
     sample_floor.main([*cmd, "--steps", "10"])
     assert torch.equal(scored[0], scored[1])  # the 10-step grid already ends at t = 9
+
+
+def test_sample_eta_compares_fresh_noise_with_quality_pys_own_samples(tmp_path, monkeypatch, capsys):
+    """benchmarks/sample_eta.py: eta 0 is quality.py's own file, only read; an eta > 0 cell starts from
+    the same initial noise, differs from eta 0, and a rerun draws it again bit for bit."""
+    scored = folder_with_a_scored_arm(tmp_path, monkeypatch, sample_eta)
+    cmd = [str(tmp_path), "--seed", "0", "--arms", "narrow", "--samples", "2", "--steps", "10"]
+    sample_eta.main(cmd)  # no quality.py file: eta 0 drawn here, from quality.py's noise
+    args = quality.parse_args(["--out", str(tmp_path), "--device", "cpu"])
+    stock = quality.to_uint8(quality.sample_arm(args, tmp_path, "narrow", "ddim", 10, 2))
+    assert (scored[0].int() - stock.int()).abs().max() <= 2  # batch-size rounding only
+    assert scored[1].shape == (2, 1, 32, 32) and not torch.equal(scored[0], scored[1])
+    assert "| narrow | 2.000 | 3.000 | 0.0000 / 0.0000 |" in capsys.readouterr().out
+    torch.save(255 - stock, tmp_path / "samples-narrow-ddim10.pt")
+    eta1 = scored[1]
+    scored.clear()
+    sample_eta.main(cmd)
+    assert torch.equal(scored[0], 255 - stock) and torch.equal(scored[1], eta1)
+    assert torch.equal(torch.load(tmp_path / "samples-narrow-ddim10.pt", weights_only=True), 255 - stock)
+    # with a floor, eta 0 is sample_floor.py's file for it
+    torch.save(stock, tmp_path / "samples-narrow-ddim10-tmin9.pt")
+    scored.clear()
+    sample_eta.main([*cmd, "--t-min", "9"])
+    assert torch.equal(scored[0], stock) and torch.equal(scored[1], eta1)  # the 10-step grid ends at t = 9
+    with pytest.raises(SystemExit, match="each must be in"):
+        sample_eta.main([*cmd, "--etas", "0"])
 
 
 def test_low_t_fits_a_linear_denoiser_that_beats_the_noisy_input(tmp_path, capsys):
