@@ -49,14 +49,11 @@ def eta_cell(args, out: Path, arm: str, steps: int, n: int, eta: float, t_min: i
 
 
 def stock_cell(args, out: Path, arm: str, steps: int, n: int, t_min: int) -> torch.Tensor:
-    """eta 0: quality.py's (or for a floor sample_floor.py's) samples file when it holds n images (read
-    only), else drawn here."""
+    """eta 0: quality.py's (or for a floor sample_floor.py's) samples file when it holds n images that
+    this arm and seed draw (quality.samples_to_keep checks one; the file is only read), else drawn here."""
     path = out / f"samples-{arm}-ddim{steps}{f'-tmin{t_min}' if t_min else ''}.pt"
-    if path.is_file():
-        kept = torch.load(path, weights_only=True)
-        if kept.dtype == torch.uint8 and kept.shape[0] >= n:
-            return kept[:n]
-    return eta_cell(args, out, arm, steps, n, 0.0, t_min)
+    kept = quality.samples_to_keep(args, out, arm, "ddim", steps, path, n, (f"diffusion.sample_t_min={t_min}",))
+    return kept if kept is not None and kept.shape[0] == n else eta_cell(args, out, arm, steps, n, 0.0, t_min)
 
 
 def main(argv=None) -> None:

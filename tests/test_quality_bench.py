@@ -203,8 +203,9 @@ def test_sample_floor_samples_the_same_noise_with_and_without_the_floor(tmp_path
 
 
 def test_sample_eta_compares_fresh_noise_with_quality_pys_own_samples(tmp_path, monkeypatch, capsys):
-    """benchmarks/sample_eta.py: eta 0 is quality.py's own file, only read; an eta > 0 cell starts from
-    the same initial noise, differs from eta 0, and a rerun draws it again bit for bit."""
+    """benchmarks/sample_eta.py: eta 0 is quality.py's own file, only read, when this arm and seed drew
+    it; an eta > 0 cell starts from the same initial noise, differs from eta 0, and a rerun draws it
+    again bit for bit."""
     scored = folder_with_a_scored_arm(tmp_path, monkeypatch, sample_eta)
     cmd = [str(tmp_path), "--seed", "0", "--arms", "narrow", "--samples", "2", "--steps", "10"]
     sample_eta.main(cmd)  # no quality.py file: eta 0 drawn here, from quality.py's noise
@@ -213,17 +214,24 @@ def test_sample_eta_compares_fresh_noise_with_quality_pys_own_samples(tmp_path, 
     assert (scored[0].int() - stock.int()).abs().max() <= 2  # batch-size rounding only
     assert scored[1].shape == (2, 1, 32, 32) and not torch.equal(scored[0], scored[1])
     assert "| narrow | 2.000 | 3.000 | 0.0000 / 0.0000 |" in capsys.readouterr().out
-    torch.save(255 - stock, tmp_path / "samples-narrow-ddim10.pt")
     eta1 = scored[1]
+    marked = stock.clone()
+    marked[1] = 255 - marked[1]  # the probe compares image 0 only: image 1 shows which set was scored
+    torch.save(marked, tmp_path / "samples-narrow-ddim10.pt")
     scored.clear()
     sample_eta.main(cmd)
-    assert torch.equal(scored[0], 255 - stock) and torch.equal(scored[1], eta1)
-    assert torch.equal(torch.load(tmp_path / "samples-narrow-ddim10.pt", weights_only=True), 255 - stock)
+    assert torch.equal(scored[0], marked) and torch.equal(scored[1], eta1)
+    assert torch.equal(torch.load(tmp_path / "samples-narrow-ddim10.pt", weights_only=True), marked)
+    # a file these weights and this seed do not draw is not scored (nor touched): eta 0 is drawn again
+    torch.save(255 - stock, tmp_path / "samples-narrow-ddim10.pt")
+    scored.clear()
+    sample_eta.main(cmd)
+    assert (scored[0].int() - stock.int()).abs().max() <= 2
     # with a floor, eta 0 is sample_floor.py's file for it
-    torch.save(stock, tmp_path / "samples-narrow-ddim10-tmin9.pt")
+    torch.save(marked, tmp_path / "samples-narrow-ddim10-tmin9.pt")
     scored.clear()
     sample_eta.main([*cmd, "--t-min", "9"])
-    assert torch.equal(scored[0], stock) and torch.equal(scored[1], eta1)  # the 10-step grid ends at t = 9
+    assert torch.equal(scored[0], marked) and torch.equal(scored[1], eta1)  # the 10-step grid ends at t = 9
     with pytest.raises(SystemExit, match="each must be in"):
         sample_eta.main([*cmd, "--etas", "0"])
 
