@@ -1,8 +1,11 @@
-"""The command line of a script that reads the trained arms of a benchmarks/quality.py --out folder
-(sample_floor.py, sample_eta.py, low_t.py)."""
+"""What the scripts that read the trained arms of a benchmarks/quality.py --out folder share
+(sample_floor.py, step_count.py, sample_eta.py, low_t.py): their command line, a samples cell kept
+beside quality.py's, and the samples' edge energy."""
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,3 +32,31 @@ def folder_args(a: argparse.Namespace) -> argparse.Namespace:
                          "x0 estimate to read: leave it out")
     return quality.parse_args(["--preset", a.preset, "--seed", str(a.seed), "--out", str(a.out), "--no-frd",
                                "--device", a.device])
+
+
+def edge_energy(images_u8: torch.Tensor) -> float:
+    """Mean |difference| of horizontally and vertically neighbouring pixels, in grey levels."""
+    x = images_u8.float()
+    return float(((x[..., 1:] - x[..., :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()) / 2)
+
+
+def kept_cell(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int, t_min: int,
+              script: str) -> torch.Tensor:
+    """n uint8 samples of one arm, sampler and floor (diffusion.sample_t_min), kept in the script's own
+    samples-ARM-SAMPLERSTEPS-tminT.pt, reused and extended, never cut. For t_min 0, quality.py's own
+    samples-ARM-SAMPLERSTEPS.pt is used when it holds all n; it is only read (its score phase needs its count)."""
+    sampling, clock = (f"diffusion.sample_t_min={t_min}",), time.perf_counter()
+    stock = out / f"samples-{arm}-{sampler}{steps}.pt"
+    kept = quality.samples_to_keep(args, out, arm, sampler, steps, stock, n, sampling) if t_min == 0 else None
+    path = out / f"samples-{arm}-{sampler}{steps}-tmin{t_min}.pt"
+    if kept is None or kept.shape[0] < n:
+        kept = quality.samples_to_keep(args, out, arm, sampler, steps, path, n, sampling)
+        if kept is None and path.is_file():
+            raise SystemExit(f"{script}: {path} was not drawn from {arm}.pt with --seed {args.seed}, or cannot "
+                             f"be extended to {n} images: check --seed and --preset, or delete it to draw it again")
+    fake, first = quality.extend_cell(args, out, arm, sampler, steps, n, kept, sampling)
+    if first < n:
+        torch.save(fake, path)
+    print(f"  {arm} {sampler}{steps} t_min {t_min}: {n - first} drawn in {time.perf_counter() - clock:.0f} s, "
+          f"{first} kept", file=sys.stderr, flush=True)
+    return fake

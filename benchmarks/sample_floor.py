@@ -19,42 +19,13 @@ eps estimate back in, and G cannot yet tell it from texture (benchmarks/low_t.py
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality  # noqa: E402  (benchmarks/ is not a package)
-import quality_folder  # noqa: E402
+import quality_folder  # noqa: E402  (benchmarks/ is not a package)
 from quality_score import score_set  # noqa: E402
-
-
-def edge_energy(images_u8: torch.Tensor) -> float:
-    """Mean |difference| of horizontally and vertically neighbouring pixels, in grey levels."""
-    x = images_u8.float()
-    return float(((x[..., 1:] - x[..., :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()) / 2)
-
-
-def floor_cell(args, out: Path, arm: str, steps: int, n: int, t_min: int) -> torch.Tensor:
-    """n DDIM samples of one arm with this floor, kept in this script's own samples-ARM-ddimSTEPS-tminT.pt,
-    reused and extended, never cut. For t_min 0, quality.py's samples-ARM-ddimSTEPS.pt is used when it
-    holds all n; it is only read (its score phase needs its count)."""
-    sampling, clock = (f"diffusion.sample_t_min={t_min}",), time.perf_counter()
-    stock = out / f"samples-{arm}-ddim{steps}.pt"
-    kept = quality.samples_to_keep(args, out, arm, "ddim", steps, stock, n, sampling) if t_min == 0 else None
-    path = out / f"samples-{arm}-ddim{steps}-tmin{t_min}.pt"
-    if kept is None or kept.shape[0] < n:
-        kept = quality.samples_to_keep(args, out, arm, "ddim", steps, path, n, sampling)
-        if kept is None and path.is_file():
-            raise SystemExit(f"sample_floor: {path} was not drawn from {arm}.pt with --seed {args.seed}, or cannot "
-                             f"be extended to {n} images: check --seed and --preset, or delete it to draw it again")
-    fake, first = quality.extend_cell(args, out, arm, "ddim", steps, n, kept, sampling)
-    if first < n:
-        torch.save(fake, path)
-    print(f"  {arm} t_min {t_min}: {n - first} drawn in {time.perf_counter() - clock:.0f} s, {first} kept",
-          file=sys.stderr, flush=True)
-    return fake
 
 
 def main(argv=None) -> None:
@@ -73,8 +44,9 @@ def main(argv=None) -> None:
     for arm in a.arms.split(","):
         cells = []
         for t_min in (0, a.t_min):
-            fake = floor_cell(args, a.out, arm, a.steps, a.samples, t_min)
-            cells.append((score_set(real, fake, a.out / "extractor.pt", 0), edge_energy(fake) / edge_energy(real)))
+            fake = quality_folder.kept_cell(args, a.out, arm, "ddim", a.steps, a.samples, t_min, "sample_floor")
+            cells.append((score_set(real, fake, a.out / "extractor.pt", 0),
+                          quality_folder.edge_energy(fake) / quality_folder.edge_energy(real)))
         (s0, e0), (s1, e1) = cells
         print(f"| {arm} | {s0['fid']:.3f} | {s1['fid']:.3f} | {s1['fid'] / s0['fid']:.3f} | "
               f"{s0['kid']:.4f} / {s1['kid']:.4f} | {e0:.3f} / {e1:.3f} |", flush=True)

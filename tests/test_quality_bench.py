@@ -16,6 +16,7 @@ import quality_score  # noqa: E402
 import low_t  # noqa: E402
 import sample_eta  # noqa: E402
 import sample_floor  # noqa: E402
+import step_count  # noqa: E402
 
 NARROW = ["model.decoder_channels=[16,8,8,8]", "diffusion.prediction=eps"]
 
@@ -200,6 +201,38 @@ def test_sample_floor_samples_the_same_noise_with_and_without_the_floor(tmp_path
     scored.clear()
     sample_floor.main([*cmd, "--steps", "10"])
     assert torch.equal(scored[0], scored[1])  # the 10-step grid already ends at t = 9
+
+
+def test_step_count_scores_each_cell_and_summarises_the_folders(tmp_path, monkeypatch, capsys):
+    """benchmarks/step_count.py: one cell per sampler, step count and floor from the same noise; edge
+    energy against the reals; scores kept per folder and summarised over folders with wins."""
+    scored = folder_with_a_scored_arm(tmp_path, monkeypatch, step_count)
+    cmd = [str(tmp_path), "--seed", "0", "--arms", "narrow", "--samples", "2", "--cells", "ddim50,ddim50t9,dpmpp2m3"]
+    step_count.main(cmd)
+    assert len(scored) == 3 and all(x.shape == (2, 1, 32, 32) for x in scored)
+    assert not torch.equal(scored[0], scored[1]) and not torch.equal(scored[0], scored[2])
+    saved = json.loads((tmp_path / "step_count.json").read_text())
+    assert list(saved["narrow"]) == ["ddim50", "ddim50t9", "dpmpp2m3"] and saved["seed"] == 0
+    assert saved["narrow"]["ddim50t9"]["fid"] == 3.0 and saved["narrow"]["ddim50"]["edge"] > 0
+    assert torch.equal(torch.load(tmp_path / "samples-narrow-ddim50-tmin9.pt", weights_only=True), scored[1])
+    # quality.py's own file is read when it holds the cell, never written
+    stock = scored[0].clone()
+    stock[1] = 255 - stock[1]  # the probe compares image 0 only: image 1 shows which set was scored
+    torch.save(stock, tmp_path / "samples-narrow-ddim50.pt")
+    scored.clear()
+    step_count.main([*cmd[:-1], "ddim50"])
+    assert torch.equal(scored[0], stock)
+    with pytest.raises(SystemExit, match="is not SAMPLERSTEPS"):
+        step_count.main([*cmd[:-1], "ddpm3"])
+    # a second folder, then the summary: the same arm twice, so no wins and no change
+    other = tmp_path / "seed1"
+    other.mkdir()
+    (other / "step_count.json").write_text(json.dumps({"narrow": saved["narrow"], "twin": saved["narrow"], "seed": 1}))
+    (tmp_path / "step_count.json").write_text(json.dumps({"narrow": saved["narrow"], "twin": saved["narrow"]}))
+    capsys.readouterr()
+    step_count.main(["summary", str(tmp_path), str(other), "--arms", "narrow,twin"])
+    out = capsys.readouterr().out
+    assert "| ddim50t9 | 3.000 / 3.000 | +0.0% | 0 of 2 |" in out
 
 
 def test_sample_eta_compares_fresh_noise_with_quality_pys_own_samples(tmp_path, monkeypatch, capsys):
