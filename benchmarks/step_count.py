@@ -9,8 +9,9 @@ The folder is a quality.py --out folder; --seed and --preset must be the ones it
 cell is SAMPLERSTEPS, with tTMIN for the samplers' floor (diffusion.sample_t_min): ddim50t9. Its
 samples are quality.py's own file when that holds them all (only read), else this script's
 samples-ARM-SAMPLERSTEPS-tminT.pt, which sample_floor.py shares; drawn once, then reused. Each
-folder's scores go to its step_count.json; `summary` prints the means over folders, and per cell
-on how many folders the first arm beats the second.
+folder's scores go to its step_count.json and each cell's first 64 samples to grid-ARM-CELL.png
+(for benchmarks/grids.py's ARM@CELL); `summary` prints the means over folders, and per cell on how
+many folders the first arm beats the second.
 
 Why: the adversarial term sharpens G's x0 estimate by about the same amount whichever sampler is
 used, while a sampler's own blur falls as its steps grow. Edge energy (the mean absolute difference of
@@ -27,6 +28,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from dgan.generation import save_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_folder  # noqa: E402  (benchmarks/ is not a package)
@@ -69,6 +72,9 @@ def measure(argv: list[str]) -> None:
         row = []
         for sampler, steps, t_min in cells:
             fake = quality_folder.kept_cell(args, a.out, arm, sampler, steps, a.samples, t_min, "step_count")
+            # quality.py's grid name, so benchmarks/grids.py can put this cell beside its own (ARM@CELL)
+            grid = a.out / f"grid-{arm}-{cell_name(sampler, steps, t_min)}.png"
+            save_grid(fake[:64].float().div(127.5).sub(1.0), grid, nrow=8)
             score = score_set(real, fake, a.out / "extractor.pt", 0)
             edge = quality_folder.edge_energy(fake) / real_edge
             results.setdefault(arm, {})[cell_name(sampler, steps, t_min)] = {

@@ -215,6 +215,7 @@ def test_step_count_scores_each_cell_and_summarises_the_folders(tmp_path, monkey
     assert list(saved["narrow"]) == ["ddim50", "ddim50t9", "dpmpp2m3"] and saved["seed"] == 0
     assert saved["narrow"]["ddim50t9"]["fid"] == 3.0 and saved["narrow"]["ddim50"]["edge"] > 0
     assert torch.equal(torch.load(tmp_path / "samples-narrow-ddim50-tmin9.pt", weights_only=True), scored[1])
+    assert (tmp_path / "grid-narrow-ddim50t9.png").is_file()  # for grids.py's narrow@ddim50t9
     # quality.py's own file is read when it holds the cell, never written
     stock = scored[0].clone()
     stock[1] = 255 - stock[1]  # the probe compares image 0 only: image 1 shows which set was scored
