@@ -1,6 +1,6 @@
 """What the scripts that read the trained arms of a benchmarks/quality.py --out folder share
-(sample_floor.py, step_count.py, sample_eta.py, low_t.py): their command line, a samples cell kept
-beside quality.py's, and the samples' edge energy."""
+(sample_floor.py, step_count.py, sample_eta.py, low_t.py): their command line, and a samples cell
+kept beside quality.py's."""
 from __future__ import annotations
 
 import argparse
@@ -32,12 +32,6 @@ def folder_args(a: argparse.Namespace) -> argparse.Namespace:
                          "x0 estimate to read: leave it out")
     return quality.parse_args(["--preset", a.preset, "--seed", str(a.seed), "--out", str(a.out), "--no-frd",
                                "--device", a.device])
-
-
-def edge_energy(images_u8: torch.Tensor) -> float:
-    """Mean |difference| of horizontally and vertically neighbouring pixels, in grey levels."""
-    x = images_u8.float()
-    return float(((x[..., 1:] - x[..., :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()) / 2)
 
 
 def kept_cell(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps: int, n: int, t_min: int,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from dgan.pixels import edge_energy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_folder  # noqa: E402  (benchmarks/ is not a package)
 from quality_score import score_set  # noqa: E402
@@ -46,7 +47,7 @@ def main(argv=None) -> None:
         for t_min in (0, a.t_min):
             fake = quality_folder.kept_cell(args, a.out, arm, "ddim", a.steps, a.samples, t_min, "sample_floor")
             cells.append((score_set(real, fake, a.out / "extractor.pt", 0),
-                          quality_folder.edge_energy(fake) / quality_folder.edge_energy(real)))
+                          edge_energy(fake) / edge_energy(real)))
         (s0, e0), (s1, e1) = cells
         print(f"| {arm} | {s0['fid']:.3f} | {s1['fid']:.3f} | {s1['fid'] / s0['fid']:.3f} | "
               f"{s0['kid']:.4f} / {s1['kid']:.4f} | {e0:.3f} / {e1:.3f} |", flush=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from dgan.generation import save_grid
+from dgan.pixels import edge_energy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_folder  # noqa: E402  (benchmarks/ is not a package)
@@ -61,7 +62,7 @@ def measure(argv: list[str]) -> None:
     args = quality_folder.folder_args(a)
     cells = [parse_cell(c) for c in a.cells.split(",")]
     real = torch.load(a.out / "data.pt", weights_only=True)["ref_images"]
-    real_edge = quality_folder.edge_energy(real)
+    real_edge = edge_energy(real)
     path = a.out / RESULTS
     results = json.loads(path.read_text()) if path.is_file() else {}
     print(f"{a.out}, seed {a.seed}: {a.samples} samples per cell, {real.shape[0]} held-out reals; "
@@ -76,7 +77,7 @@ def measure(argv: list[str]) -> None:
             grid = a.out / f"grid-{arm}-{cell_name(sampler, steps, t_min)}.png"
             save_grid(fake[:64].float().div(127.5).sub(1.0), grid, nrow=8)
             score = score_set(real, fake, a.out / "extractor.pt", 0)
-            edge = quality_folder.edge_energy(fake) / real_edge
+            edge = edge_energy(fake) / real_edge
             results.setdefault(arm, {})[cell_name(sampler, steps, t_min)] = {
                 "fid": score["fid"], "kid": score["kid"], "edge": edge, "samples": a.samples}
             row.append(f"{score['fid']:.3f} ({edge:.3f})")

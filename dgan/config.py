@@ -198,7 +198,7 @@ class EvalConfig:
     num_samples: int = 500                    # small: this runs inside training
     sampler: Literal[SAMPLERS] = "ddim"
     steps: int = 50
-    metrics: list[str] = field(default_factory=lambda: ["fid", "kid"])  # fid, kid, psnr, ssim, frd
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid"])  # fid, kid, psnr, ssim, frd, sharpness
     best_metric: Optional[str] = None         # e.g. "fid": keep checkpoints/ckpt-best.pt by it
     best_mode: Literal["min", "max"] = "min"
     feature_extractor: Optional[str] = None   # TorchScript extractor (see README, Evaluation)

@@ -12,7 +12,7 @@ from dgan.schedules import make_betas
 
 # Every metric dgan computes, the one list: eval.metrics is checked against it here, and
 # dgan.scoring (and python -m dgan.evaluate's flags) dispatch on it.
-METRICS = ("fid", "kid", "psnr", "ssim", "frd", "prdc", "memorization", "diversity", "utility")
+METRICS = ("fid", "kid", "psnr", "ssim", "frd", "sharpness", "prdc", "memorization", "diversity", "utility")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -1,6 +1,6 @@
 """python -m dgan.evaluate: FID/KID/PSNR/SSIM of a checkpoint's EMA generator.
 
-    python -m dgan.evaluate --fid --kid --psnr --ssim [--frd] [--run DIR | --checkpoint PATH]
+    python -m dgan.evaluate --fid --kid --psnr --ssim [--frd] [--sharpness] [--run DIR | --checkpoint PATH]
         [--num-samples N] [--sampler ddim|ddpm|dpmpp2m --steps 50] [--batch-size B] [--seed S]
         [--fid-weights PATH] [--feature-extractor model.pt] [--reference val|train]
         [--t-values 50,100,250,500] [--root runs] [--no-mlflow] [--guidance W] [--per-class]
@@ -14,9 +14,11 @@ held-out real images' own; the closest pairs go to <run>/eval/memorization-<step
 
 With no metric flag, FID, KID, PSNR and SSIM are computed; --frd (Fréchet Radiomics Distance,
 dgan.metrics.frd, samples against the reference like FID) is opt-in and needs the `frd` extra:
-pip install -e ".[frd]". With neither --run nor --checkpoint, the newest run
-under --root (the one whose newest checkpoint was written last) is evaluated, at its newest
-valid checkpoint.
+pip install -e ".[frd]". --sharpness (opt-in, and nearly free) is the samples' edge energy (mean
+|difference| of neighbouring pixels) over the reference's: above 1 the samples are grainier than the
+data (try fewer steps, dpmpp2m 10, or --t-min), below 1 blurrier (more steps). With neither --run
+nor --checkpoint, the newest run under --root (the one whose newest checkpoint was written last) is
+evaluated, at its newest valid checkpoint.
 
 Generation. Sample i starts from noise seeded by (seed, i) and, for conditional models, has label
 i % num_classes, so the sample set does not depend on the batch size or on the number of ranks
@@ -99,6 +101,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.add_argument(f"--{name}", action="store_true", help=f"compute {name.upper()} (no metric flag: all four)")
     p.add_argument("--frd", action="store_true",
                    help='compute FRD, the Fréchet Radiomics Distance (opt-in; needs pip install -e ".[frd]")')
+    p.add_argument("--sharpness", action="store_true", help="samples' edge energy over the reference's (1: as sharp)")
     audit = p.add_argument_group("synthetic-data audit (README: 'Is my synthetic data safe and useful?')")
     audit.add_argument("--prdc", action="store_true",
                        help="precision, recall, density and coverage, in FID's feature space")
@@ -109,7 +112,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="train on synthetic, test on real: balanced accuracy and AUROC (conditional models)")
     audit.add_argument("--audit", action="store_true", help="all four of the above")
     audit.add_argument("--report", action="store_true",
-                       help="everything (FID, KID, PSNR, SSIM and the audit; utility only for conditional "
+                       help="everything (FID, KID, PSNR, SSIM, sharpness and the audit; utility only for conditional "
                             "models) and one self-contained HTML page, <run>/eval/report-<step>.html")
     audit.add_argument("--utility-per-class", type=int, default=DEFAULT_UTILITY_PER_CLASS,
                        help="images per class for each utility classifier (synthetic and real)")
@@ -148,7 +151,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--batch-size must be >= 1")
     if args.utility_per_class < 2:
         p.error("--utility-per-class must be >= 2")
-    for name in (*DEFAULT_METRICS, *AUDIT_METRICS) if args.report else AUDIT_METRICS if args.audit else ():
+    for name in (*DEFAULT_METRICS, "sharpness", *AUDIT_METRICS) if args.report else AUDIT_METRICS if args.audit else ():
         setattr(args, name, True)
     return args
 

@@ -29,6 +29,7 @@ EXPLAIN = {
     "density": "samples per real neighbourhood, over k (about 1 when samples are as dense as reals)",
     "coverage": "share of real images with a sample in their neighbourhood",
     "ms_ssim": "MS-SSIM between random pairs (near 1: the images look alike)",
+    "sharpness": "the samples' edge energy over the reference's (1: as sharp as the data; above 1: grainier)",
     "utility_synthetic_balanced_accuracy": "classifier trained on samples, tested on held-out real images",
 }
 

@@ -20,7 +20,7 @@ from dgan.config_checks import METRICS
 from dgan.diffusion import SAMPLERS
 from dgan.errors import EvalError
 from dgan.generation import generate_distributed, guided_model_fn
-from dgan.pixels import to_uint8
+from dgan.pixels import edge_energy, to_uint8
 from dgan.reference import (EvalResult, conditioning_labels, load_reference, load_reference_u8, reference_cache_key,
                             reference_info)
 from dgan.runinfo import file_sha256
@@ -28,7 +28,7 @@ from dgan.seeding import Stream, stream_generator
 
 # Without a metric flag. FRD is opt-in: it needs the optional `frd` extra (PyRadiomics).
 DEFAULT_METRICS = ("fid", "kid", "psnr", "ssim")
-SAMPLE_METRICS = {"fid", "kid", "frd", *AUDIT_METRICS}  # scored on generated samples: they need a generation
+SAMPLE_METRICS = {"fid", "kid", "frd", "sharpness", *AUDIT_METRICS}  # scored on samples: they need a generation
 FEATURE_METRICS = {"fid", "kid", "prdc", "memorization"}  # computed in the extractor's feature space
 DEFAULT_T_VALUES = (50, 100, 250, 500)
 DEFAULT_RECON_IMAGES = 1000
@@ -155,6 +155,15 @@ class _Evaluation:
             from dgan.metrics import frd  # torch-fidelity: slow to import
 
             self.scores["frd"] = frd(to_uint8(real), samples)  # the reference first: FRD z-scores against it
+        if "sharpness" in chosen:
+            # 1 = as much fine detail as the data. Why: the adversarial term sharpens every sampler's output
+            # by about the same amount, so the best step count is the one that lands near 1, not above it
+            # (benchmarks/RESULTS.md, "The term's gain against the sampler's step count").
+            reference = edge_energy(to_uint8(real))
+            if reference == 0:
+                raise EvalError("--sharpness: the reference images are flat (no pixel differs from its neighbours), "
+                                "so there is no sharpness to compare with; drop --sharpness")
+            self.scores["sharpness"] = edge_energy(samples) / reference
         if chosen & set(AUDIT_METRICS):
             train = self.ref.get("train")
             more, self.ref["artefacts"] = audit_scores(

@@ -298,6 +298,22 @@ def test_evaluate_generator_returns_only_the_requested_metrics(loaded, extractor
     G.eval()
 
 
+def test_sharpness_is_the_samples_edge_energy_over_the_references(loaded):
+    """--sharpness: edge energy falls when images are blurred and is 0 for flat ones; the metric is the
+    samples' over the reference's, and needs no feature extractor (the tiny run's samples, scored)."""
+    from dgan.pixels import edge_energy
+    from dgan.scoring import evaluate_generator
+
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    blurred = torch.nn.functional.avg_pool2d(images.float(), 3, 1, 1).round().to(torch.uint8)
+    assert edge_energy(blurred) < 0.5 * edge_energy(images)
+    assert edge_energy(torch.full((2, 1, 8, 8), 7, dtype=torch.uint8)) == 0.0
+    G, cfg, diffusion, _ = loaded
+    metrics = evaluate_generator(G, diffusion, cfg, num_samples=4, sampler="ddim", steps=2, seed=0,
+                                 metrics=["sharpness"], device=torch.device("cpu"))
+    assert set(metrics) == {"sharpness"} and 0 < metrics["sharpness"] < 100
+
+
 def test_reference_split_and_label_shift_warning():
     from dgan.config import load_config
     from dgan.reference import LABEL_SHIFT_WARNING, reference_info, load_reference, reference_split

@@ -46,7 +46,7 @@ def report(tiny_run_dir: Path, tmp_path_factory) -> tuple[Path, dict]:
 def test_report_holds_every_metric_with_its_floor_and_embedded_pictures(report):
     out, data = report
     m = data["metrics"]
-    for key in ("fid", "kid", "psnr_t50", "precision", "recall", "density", "coverage", "memorization_rate",
+    for key in ("fid", "kid", "psnr_t50", "sharpness", "precision", "recall", "density", "coverage", "memorization_rate",
                 "real_memorization_rate", "ms_ssim", "real_ms_ssim"):
         assert key in m, key
     page = Path(data["html_path"]).read_text()
