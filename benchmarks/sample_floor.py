@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from dgan.pixels import edge_energy
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_folder  # noqa: E402  (benchmarks/ is not a package)
 from quality_score import score_set  # noqa: E402

@@ -92,6 +92,9 @@ def summary(argv: list[str]) -> None:
     a = p.parse_args(argv)
     arm_a, arm_b = a.arms.split(",")
     folders = [json.loads((out / RESULTS).read_text()) for out in a.outs]
+    missing = [str(out) for out, f in zip(a.outs, folders) if arm_a not in f or arm_b not in f]
+    if missing:
+        raise SystemExit(f"summary: {', '.join(missing)} lack {arm_a} or {arm_b}: run step_count.py there first")
     cells = [c for c in folders[0][arm_a] if all(c in f[arm_a] and c in f[arm_b] for f in folders)]
     print(f"{len(folders)} folders; mean FID {arm_b} / {arm_a} (change), wins of {arm_a}, mean edge energy")
     print("| cell | " + f"FID {arm_b} / {arm_a} | change | wins | edge {arm_b} / {arm_a} |")

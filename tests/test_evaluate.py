@@ -298,20 +298,27 @@ def test_evaluate_generator_returns_only_the_requested_metrics(loaded, extractor
     G.eval()
 
 
-def test_sharpness_is_the_samples_edge_energy_over_the_references(loaded):
+def test_sharpness_is_the_samples_edge_energy_over_the_references(loaded, monkeypatch):
     """--sharpness: edge energy falls when images are blurred and is 0 for flat ones; the metric is the
-    samples' over the reference's, and needs no feature extractor (the tiny run's samples, scored)."""
-    from dgan.pixels import edge_energy
-    from dgan.scoring import evaluate_generator
+    samples' over the reference's, needs no feature extractor, and a flat reference is a clear error."""
+    import dgan.scoring
+    from dgan.errors import EvalError
+    from dgan.pixels import edge_energy, to_uint8
+    from dgan.reference import load_reference
 
     images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
     blurred = torch.nn.functional.avg_pool2d(images.float(), 3, 1, 1).round().to(torch.uint8)
     assert edge_energy(blurred) < 0.5 * edge_energy(images)
     assert edge_energy(torch.full((2, 1, 8, 8), 7, dtype=torch.uint8)) == 0.0
     G, cfg, diffusion, _ = loaded
-    metrics = evaluate_generator(G, diffusion, cfg, num_samples=4, sampler="ddim", steps=2, seed=0,
-                                 metrics=["sharpness"], device=torch.device("cpu"))
-    assert set(metrics) == {"sharpness"} and 0 < metrics["sharpness"] < 100
+    request = dict(num_samples=4, sampler="ddim", steps=2, seed=0, metrics=["sharpness"], device=torch.device("cpu"))
+    result = dgan.scoring.run_evaluation(G, diffusion, cfg, **request)
+    real, labels = load_reference(cfg, "val")
+    assert set(result.metrics) == {"sharpness"}
+    assert result.metrics["sharpness"] == pytest.approx(edge_energy(result.samples) / edge_energy(to_uint8(real)))
+    monkeypatch.setattr(dgan.scoring, "load_reference", lambda *a: (torch.zeros_like(real), labels))
+    with pytest.raises(EvalError, match="reference images are flat"):
+        dgan.scoring.run_evaluation(G, diffusion, cfg, **request)
 
 
 def test_reference_split_and_label_shift_warning():
