@@ -7,7 +7,8 @@
 
 Both step kinds are measured in ONE process, interleaved round by round, so that machine
 load affects them alike; the ratio of medians is what we report. The pure-diffusion step is
-exactly what a plain DDPM trainer does: one G forward, MSE, backward, clip, Adam.
+exactly what a plain DDPM trainer does: one G forward, MSE, backward, clip, Adam, at the same
+train.precision as the hybrid (so `--set train.precision=bf16` compares bf16 with bf16).
 Target (issue 2): hybrid / diffusion <= 1.15. The seed code ran G three times: 1.61x.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 
 from dgan.config import load_config  # noqa: E402
 from dgan.losses import diffusion_loss  # noqa: E402
-from dgan.step import Trainables, train_step  # noqa: E402
+from dgan.step import Trainables, autocast_for, train_step  # noqa: E402
 from dgan.trainer import build_trainables  # noqa: E402
 
 # name -> (config file, overrides)
@@ -40,14 +41,19 @@ PRESETS = {
 }
 
 
-def diffusion_step(tr: Trainables, x0: torch.Tensor, clip: float) -> None:
+def diffusion_step(tr: Trainables, x0: torch.Tensor, clip: float, precision: str) -> None:
+    """The plain DDPM step; under fp16 through G's GradScaler (a pass-through for fp32 and bf16)."""
     tr.opt_g.zero_grad(set_to_none=True)
     t = torch.randint(0, tr.diffusion.num_steps, (x0.shape[0],))
     eps = torch.randn_like(x0)
     target = tr.diffusion.training_target(x0, t, eps)
-    diffusion_loss(tr.G(tr.diffusion.q_sample(x0, t, eps), t), target).backward()
+    with autocast_for(precision, x0.device):
+        out = tr.G(tr.diffusion.q_sample(x0, t, eps), t).float()
+    tr.scaler_g.scale(diffusion_loss(out, target)).backward()
+    tr.scaler_g.unscale_(tr.opt_g)
     torch.nn.utils.clip_grad_norm_(tr.G_raw.parameters(), clip, foreach=True)
-    tr.opt_g.step()
+    tr.scaler_g.step(tr.opt_g)
+    tr.scaler_g.update()
 
 
 def measure(preset: str, rounds: int, reps: int, extra: list[str]) -> dict:
@@ -59,7 +65,7 @@ def measure(preset: str, rounds: int, reps: int, extra: list[str]) -> dict:
     x0 = torch.rand(cfg.train.batch_size, cfg.model.channels, s, s) * 2 - 1
     y = torch.zeros(cfg.train.batch_size, dtype=torch.long)
     hybrid = lambda i: train_step(tr, cfg, [(x0, y)], step=i)  # noqa: E731  (R1 every r1_every, as in training)
-    pure = lambda i: diffusion_step(tr, x0, cfg.train.grad_clip_g)  # noqa: E731
+    pure = lambda i: diffusion_step(tr, x0, cfg.train.grad_clip_g, cfg.train.precision)  # noqa: E731
     for i in range(2):  # warm-up: allocator, first-call overheads
         hybrid(i), pure(i)
     times = {"hybrid": [], "diffusion": []}
