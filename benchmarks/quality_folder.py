@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from dgan.atomic import torch_save_atomic
+
 import quality  # benchmarks/ is not a package: its scripts put it on sys.path first
 
 
@@ -50,7 +52,7 @@ def kept_cell(args: argparse.Namespace, out: Path, arm: str, sampler: str, steps
                              f"be extended to {n} images: check --seed and --preset, or delete it to draw it again")
     fake, first = quality.extend_cell(args, out, arm, sampler, steps, n, kept, sampling)
     if first < n:
-        torch.save(fake, path)
+        torch_save_atomic(fake, path)  # a kill mid-save must not leave a truncated file of kept samples
     print(f"  {arm} {sampler}{steps} t_min {t_min}: {n - first} drawn in {time.perf_counter() - clock:.0f} s, "
           f"{first} kept", file=sys.stderr, flush=True)
     return fake

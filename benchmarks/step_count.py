@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dgan.atomic import write_text_atomic
 from dgan.generation import save_grid
 from dgan.pixels import edge_energy
 
@@ -81,7 +82,8 @@ def measure(argv: list[str]) -> None:
             results.setdefault(arm, {})[cell_name(sampler, steps, t_min)] = {
                 "fid": score["fid"], "kid": score["kid"], "edge": edge, "samples": a.samples}
             row.append(f"{score['fid']:.3f} ({edge:.3f})")
-            path.write_text(json.dumps({**results, "seed": a.seed}, indent=1))
+            # atomic: the file holds every earlier run's cells too, and a kill mid-write must not lose them
+            write_text_atomic(path, json.dumps({**results, "seed": a.seed}, indent=1))
         print(f"| {arm} | " + " | ".join(row) + " |", flush=True)
 
 

@@ -143,6 +143,10 @@ def _validate_eval(ev, sr: bool = False) -> None:  # an EvalConfig
         _require(base in ev.metrics, "eval.best_metric",
                  f"{ev.best_metric!r} is not computed; add {base!r} to eval.metrics")
         _require(ev.every_kimg > 0, "eval.best_metric", "needs eval.every_kimg > 0 to have values")
+        # sharpness is best near 1 (as sharp as the data): a min or a max would keep the blurriest
+        # or the grainiest checkpoint, so it is logged but cannot choose ckpt-best.pt
+        _require(base != "sharpness", "eval.best_metric",
+                 "sharpness is best near 1, not at a min or max; use eval.best_metric=fid")
     if ev.feature_extractor is not None:
         _require(Path(ev.feature_extractor).is_file(), "eval.feature_extractor",
                  f"{ev.feature_extractor} does not exist")

@@ -115,6 +115,13 @@ def test_a_schedule_that_leaves_signal_at_T_is_refused_with_the_fix():
     load_config(None, [])  # the defaults (T=1000, linear) do
 
 
+def test_sharpness_is_logged_but_cannot_choose_the_best_checkpoint():
+    cfg = load_config(None, ["eval.every_kimg=1", "eval.metrics=[fid,sharpness]"])
+    assert cfg.eval.metrics == ["fid", "sharpness"]
+    with pytest.raises(ConfigError, match=r"eval.best_metric: sharpness is best near 1.*eval.best_metric=fid"):
+        load_config(None, ["eval.every_kimg=1", "eval.metrics=[fid,sharpness]", "eval.best_metric=sharpness"])
+
+
 def test_periodic_frd_is_a_metric_and_a_missing_extra_stops_before_training(monkeypatch):
     from dgan import metrics
     from dgan.monitor import check_eval_ready
