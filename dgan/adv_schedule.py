@@ -1,9 +1,7 @@
 """When the adversarial part of the hybrid step runs, and how hard it pushes: host numbers from the
 config, the world size and the step count alone (no tensor, no sync), so every rank agrees and a
-resumed run continues where it stopped; and, with model.step_size_conditioning, each fake's share."""
+resumed run continues where it stopped."""
 from __future__ import annotations
-
-import torch
 
 from dgan import distributed as dist
 from dgan.config import Config
@@ -28,14 +26,3 @@ def adversarial_period(cfg: Config) -> int:
     """N: the adversarial part of the step runs on one step in N. gan.fakes=samples: self_fake_every
     (their chain costs forwards); recon fakes cost none, so every step."""
     return cfg.gan.self_fake_every if cfg.gan.fakes == "samples" else 1
-
-
-def step_push(sizes: torch.Tensor, base: float) -> torch.Tensor:
-    """Each fake's share of the adversarial push, from the step size c that G was told for it
-    (model.step_size_conditioning): base + (1 - base) c / 0.5, which has mean 1 under the step's
-    uniform draw, so gan.adv_weight keeps its meaning on average (gan.step_push_base = base).
-
-    Why it grows with c: a step of size c takes a share c of the next state's signal from this x0_hat
-    (Diffusion.step_size), so that is how much a blurred x0_hat blurs the sample. base 0: a small step
-    gets almost no push and keeps the posterior mean, the jump to clean data twice the plain push."""
-    return base + (1.0 - base) * sizes / 0.5

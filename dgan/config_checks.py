@@ -55,9 +55,6 @@ def _validate_gan(g, d, m) -> None:  # GanConfig, DiffusionConfig, ModelConfig
     _require(g.self_fake_every >= 1, "gan.self_fake_every", "must be >= 1 (1 = fakes on every step)")
     _require(g.fakes != "samples" or g.r1_gamma == 0 or g.r1_every % g.self_fake_every == 0, "gan.r1_every",
              "must be a multiple of gan.self_fake_every, or R1 would fall on steps that run no D")
-    _require(0.0 <= g.step_push_base <= 1.0, "gan.step_push_base", "must be in [0, 1] (1: the same push at every step size)")
-    _require(not m.step_size_conditioning or g.adv_balance, "model.step_size_conditioning",
-             "scales the balanced push per fake: set gan.adv_balance=true, or model.step_size_conditioning=false")
     _require(g.fakes != "samples" or m.norm != "batch", "gan.fakes",
              "samples needs model.norm=group (BatchNorm would learn its statistics from the fakes' chain); "
              "or set gan.fakes=recon")

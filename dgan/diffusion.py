@@ -5,10 +5,8 @@ Notation follows Ho et al. 2020: ``alpha_t = 1 - beta_t``, ``alpha_bar_t = prod_
 and ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps``. Timesteps are 0-based,
 ``t in {0..T-1}``; "clean" (alpha_bar = 1) is the implicit state after t = 0.
 
-Samplers take a ``model_fn(x_t, t, step_size) -> output`` (eps_hat or v_hat, as ``prediction`` says)
-and know nothing about the network, so callers can wrap it (classifier-free guidance, inpainting, EMA
-weights) without touching this file. ``step_size`` [B] is how far the sampler is about to jump
-(`Diffusion.step_size`); a network that is not conditioned on it ignores it.
+Samplers take a ``model_fn(x_t, t) -> output`` (eps_hat or v_hat, as ``prediction`` says) and know
+nothing about the network, so callers can wrap it (classifier-free guidance, inpainting, EMA weights) without touching this file.
 """
 from __future__ import annotations
 
@@ -19,7 +17,7 @@ import torch
 
 from dgan.schedules import SPACINGS, make_betas, timestep_grid
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # callback(i, x, x0_hat): i is the 0-based step index, x the state *after* step i (after any
 # step_hook), x0_hat the (possibly clipped) data prediction used for that step.
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -207,33 +205,14 @@ class Diffusion:
             raise ValueError("give either shape or x_T")
         return _randn(shape, generator, torch.device(device) if device is not None else self.device)
 
-    def step_size(self, t: int, t_next: Optional[int]) -> float:
-        """How far a sampler step from t to t_next (None: clean data) jumps, in [0, 1]:
-        1 - sqrt(SNR_t / SNR_t_next), the share of x_t_next's signal that this step's x0 prediction
-        sets rather than x_t carries (DDIM: x_next = sqrt(abar_next) [c x0_hat + (1 - c) x_t / sqrt(abar_t)]
-        up to noise). 0 for a vanishing step, 1 for the jump to clean data; DDIM 10's steps below
-        t = 300 are about 0.5, DDIM 50's about 0.2.
-
-        Why G may be told (model.step_size_conditioning): the posterior mean x0_hat that the
-        diffusion loss teaches is right for small steps and blurs large ones, and a G that sharpens
-        by one amount for every sampler over-sharpens DDIM 50 before it lifts DDIM 10
-        (benchmarks/RESULTS.md, "The term's gain against the sampler's step count")."""
-        if t_next is None:
-            return 1.0
-        abar, abar_next = self.abar_at(t), self.abar_at(t_next)
-        snr_ratio = abar * (1.0 - abar_next) / ((1.0 - abar) * abar_next)
-        return min(max(1.0 - math.sqrt(snr_ratio), 0.0), 1.0)
-
-    def denoise(self, model_fn: ModelFn, x: torch.Tensor, t: int, clip_x0: bool, t_next: Optional[int]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the model at timestep t for a step to t_next (None: clean data); return (x0_hat, eps_hat),
-        consistent with each other.
+    def denoise(self, model_fn: ModelFn, x: torch.Tensor, t: int, clip_x0: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model at timestep t; return (x0_hat, eps_hat), consistent with each other.
 
         `model_fn` returns the network's raw output, interpreted by self.prediction."""
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        size = torch.full((x.shape[0],), self.step_size(t, t_next), device=x.device)
         abar = self.abar_at(t)
-        x0, eps = self._x0_eps_scalar(x, model_fn(x, t_batch, size), abar)
+        x0, eps = self._x0_eps_scalar(x, model_fn(x, t_batch), abar)
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
             # re-derive eps so the DDIM update stays on the line through x_t and the clipped x0
@@ -277,7 +256,7 @@ class Diffusion:
         """
         x = self._initial_noise(shape, x_T, generator, device)
         for i, t in enumerate(range(self.num_steps - 1, -1, -1)):
-            x0, _ = self.denoise(model_fn, x, t, clip_x0, t - 1 if t > 0 else None)
+            x0, _ = self.denoise(model_fn, x, t, clip_x0)
             abar, abar_prev = self.abar_at(t), self.abar_at(t - 1 if t > 0 else None)
             beta = 1.0 - abar / abar_prev
             coef_x0 = beta * math.sqrt(abar_prev) / (1.0 - abar)
@@ -315,7 +294,7 @@ class Diffusion:
         ts = [t for t in self.timesteps_for(steps).tolist() if end_t is None or t > end_t]
         for i, t in enumerate(ts):
             t_next = ts[i + 1] if i + 1 < len(ts) else end_t
-            x0, eps = self.denoise(model_fn, x, t, clip_x0, t_next)
+            x0, eps = self.denoise(model_fn, x, t, clip_x0)
             x = self.ddim_step(x0, eps, t, t_next, eta=eta, generator=generator)
             if step_hook is not None:
                 x = step_hook(x, self._t_tensor(t_next, x))
@@ -353,7 +332,7 @@ class Diffusion:
         h_prev = 0.0
         for i, t in enumerate(ts):
             t_next = ts[i + 1] if i + 1 < len(ts) else None
-            x0, _ = self.denoise(model_fn, x, t, clip_x0, t_next)
+            x0, _ = self.denoise(model_fn, x, t, clip_x0)
             if t_next is None:
                 x = x0
             else:

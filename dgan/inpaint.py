@@ -98,7 +98,7 @@ def denoise_step(diffusion: Diffusion, model_fn: ModelFn, x: torch.Tensor, t: in
     """One sampler update from timestep t to t_next (None: clean), as Diffusion's samplers make it:
     x0 is predicted and clipped to [-1, 1], then DDPM draws from q_posterior (one-step grid) and DDIM
     moves along the (x0, eps) line with eta-scaled fresh noise."""
-    x0, eps = diffusion.denoise(model_fn, x, t, True, t_next)
+    x0, eps = diffusion.denoise(model_fn, x, t, clip_x0=True)
     if sampler == "ddpm":
         mean, variance, _ = diffusion.q_posterior(x0, x, _t_batch(t, x))
         return mean if t_next is None else mean + variance.sqrt() * _noise_like(x, generator)

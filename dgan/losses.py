@@ -69,12 +69,11 @@ def g_adv_loss(fake_logits: Tensor, weight: Optional[Tensor] = None) -> Tensor:
 
 
 def balanced_adv_surrogate(out: Tensor, L_diff: Tensor, L_adv: Tensor, fakes: slice, ratio: float,
-                           *, own_reference: bool = True, weights: Optional[Tensor] = None) -> Tensor:
+                           *, own_reference: bool = True) -> Tensor:
     """A term whose gradient w.r.t. G's output is, on each fake (the rows ``fakes`` of ``out``),
     D's gradient rescaled to ``ratio`` times a diffusion-loss gradient norm: that fake's own
     (``own_reference``, a fake made from a diffusion sample of the batch), or else the mean over
-    the rows that have one (a fake from G's own sampler has no diffusion target). ``weights`` [k]
-    multiply each fake's ratio (model.step_size_conditioning: step.step_push).
+    the rows that have one (a fake from G's own sampler has no diffusion target).
 
     Why (gan.adv_balance): with a fixed weight, a D that learns pushed G's output towards texture
     with as much force as it liked and ruined the samples; a D held at chance made the term noise
@@ -102,10 +101,7 @@ def balanced_adv_surrogate(out: Tensor, L_diff: Tensor, L_adv: Tensor, fakes: sl
         reference = (norm_diff.sum() / has_target.sum().clamp_min(1.0)).expand(k)
     g_adv = g_adv[fakes]
     norm_adv = g_adv.reshape(k, -1).norm(dim=1).clamp_min(1e-30)
-    scale = ratio * reference / norm_adv
-    if weights is not None:
-        scale = scale * weights.to(scale.dtype)
-    scale = scale.view(k, *([1] * (out.dim() - 1)))
+    scale = (ratio * reference / norm_adv).view(k, *([1] * (out.dim() - 1)))
     return (out[fakes] * (scale * g_adv).detach()).sum()
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from dgan import distributed as dist
 from dgan.adaptive import AdaptiveT, diffuse, sample_tau
-from dgan.adv_schedule import adv_gain, adversarial_period, step_push
+from dgan.adv_schedule import adv_gain, adversarial_period
 from dgan.config import Config
 from dgan.diffusion import Diffusion
 from dgan.generation import sr_condition
@@ -233,8 +233,8 @@ def self_sampled_xt(tr: Trainables, cfg: Config, k: int, y: Optional[torch.Tenso
     t_last = int(torch.randint(0, cfg.gan.adv_t_max + 1, (), generator=draws.host))
     x_T = torch.randn((k, *like.shape[1:]), generator=draws.device, device=like.device, dtype=like.dtype)
 
-    def model_fn(x_t: torch.Tensor, t: torch.Tensor, step_size: torch.Tensor) -> torch.Tensor:
-        return tr.G_raw(x_t, t, y, cond, step_size).float()
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return tr.G_raw(x_t, t, y, cond).float()
 
     # The plain module, no grad (ddim_sample's): no DDP reducer is involved, the chain costs only
     # forwards (and runs uncompiled under model.compile). BatchNorm would learn its statistics from
@@ -255,7 +255,6 @@ class GOutput:
     x_t_fake: torch.Tensor
     t_fake: torch.Tensor
     fakes: slice
-    push: Optional[torch.Tensor] = None  # [k] each fake's share of the adversarial push (step_push)
 
 
 def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch.Tensor], y: Optional[torch.Tensor],
@@ -268,9 +267,6 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
     t, k = draw_timesteps(B, tr.diffusion.num_steps, g.adv_t_max, dev)
     eps = torch.randn_like(x0)
     x_t = tr.diffusion.q_sample(x0, t, eps)
-    # model.step_size_conditioning: a step size per image, uniform in [0, 1]. The diffusion target does
-    # not depend on it, so only the adversarial push (adv_schedule.step_push) teaches G what it changes.
-    sizes = torch.rand(B, device=dev) if cfg.model.step_size_conditioning else None
     x_in, t_in, y_in, c_in = x_t, t, y_g, cond
     samples = g.fakes == "samples" and adversarial
     if samples:
@@ -280,18 +276,14 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
         x_in, t_in = torch.cat([x_t, x_s]), torch.cat([t, t_s])
         y_in = None if y_g is None else torch.cat([y_g, y_s])
         c_in = None if cond is None else torch.cat([cond, c_s])
-        if sizes is not None:
-            sizes = torch.cat([sizes, torch.rand(k, generator=draws.device, device=dev)])
     with dist.ddp_sync(tr.G, sync), autocast_for(cfg.train.precision, dev):
-        out = tr.G(x_in, t_in, y_in, c_in, sizes).float()
+        out = tr.G(x_in, t_in, y_in, c_in).float()
     L_diff = diffusion_loss(out[:B], tr.diffusion.training_target(x0, t, eps),
                             tr.diffusion.loss_weight(t, cfg.diffusion.min_snr_gamma))
     fakes = slice(B, B + k) if samples else slice(0, k)
     x_t_fake, t_fake = x_in[fakes], t_in[fakes]
     x0_hat = tr.diffusion.model_x0(x_t_fake, t_fake, out[fakes]).clamp(-1, 1)
-    push = None if sizes is None else step_push(sizes[fakes], g.step_push_base)
-    return GOutput(out, L_diff, x0_hat, x_t_fake, t_fake, fakes, push)
-
+    return GOutput(out, L_diff, x0_hat, x_t_fake, t_fake, fakes)
 
 
 def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.Tensor],
@@ -338,8 +330,7 @@ def micro_step(tr: Trainables, cfg: Config, x0: torch.Tensor, y: Optional[torch.
     L_adv = g_adversarial(tr, y_fake, tau[:k], None if y_d is None else y_d[:k], side, amp)
     if g.adv_balance:
         adv_term = balanced_adv_surrogate(gen.out, gen.L_diff, tr.scaler_g.scale(L_adv), gen.fakes,
-                                          gain * g.adv_weight, own_reference=g.fakes == "recon",
-                                          weights=gen.push)
+                                          gain * g.adv_weight, own_reference=g.fakes == "recon")
     else:
         adv_term = gain * g.adv_weight * L_adv
     tr.scaler_g.scale((gen.L_diff + adv_term) * loss_scale).backward()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dgan.step as step_mod
-from dgan.adv_schedule import adv_gain, step_push
+from dgan.adv_schedule import adv_gain
 from dgan.config import load_config
 from dgan.losses import diffusion_loss
 from dgan.monitor import MetricWindow
@@ -182,37 +182,6 @@ def test_self_sampled_fakes_come_from_gs_own_chain_and_train_g_through_their_las
     assert torch.allclose(row_norms[B:], 0.2 * row_norms[:B].mean().expand(3), rtol=1e-3)
     assert float(m["L_adv"]) > 0 and torch.isfinite(m["L_D"])
     assert any(v.abs().max() > 0 for v in grads(tr.D_raw).values())
-
-
-def test_step_size_conditioning_tells_g_each_steps_size_and_scales_each_fakes_push(tiny_overrides):
-    cfg, tr = make(tiny_overrides, "gan.fakes=samples", "gan.self_fakes=3", "gan.self_fake_steps=4",
-                   "gan.adv_t_max=100", "gan.adv_balance=true", "gan.adv_weight=0.2",
-                   "model.step_size_conditioning=true")
-    x0, y = batch()
-    B, calls, outs = x0.shape[0], [], []
-    real_forward = tr.G_raw.forward
-
-    def spy(x, t, y, cond, step_size):
-        out = real_forward(x, t, y, cond, step_size)
-        calls.append((t.tolist(), step_size.clone()))
-        if out.requires_grad:
-            out.register_hook(lambda g: outs.append(g.clone()))
-        return out
-
-    tr.G_raw.forward = spy
-    torch.manual_seed(7)
-    micro_step(tr, cfg, x0, y, do_r1=False, sync=True, loss_scale=1.0)
-    (ts_last, sizes), chain = calls[-1], calls[:-1]
-    # the fakes' chain is a DDIM sampler: each call gets its own step's size, down to the drawn t
-    grid = [ts[0] for ts, _ in chain] + [ts_last[-1]]
-    for (ts, s), t_next in zip(chain, grid[1:]):
-        assert torch.allclose(s, torch.full((3,), tr.diffusion.step_size(ts[0], t_next)))
-    # the training forward: a step size per row, uniform in [0, 1], drawn apart for the batch and the fakes
-    assert sizes.shape == (B + 3,) and 0 <= float(sizes.min()) and float(sizes.max()) <= 1
-    # each fake's push: 0.2 x the batch's mean diffusion-gradient norm x step_push(its size)
-    row_norms = outs[-1].flatten(1).norm(dim=1)
-    expected = 0.2 * row_norms[:B].mean() * step_push(sizes[B:], 0.0)
-    assert torch.allclose(row_norms[B:], expected, rtol=1e-3)
 
 
 def test_self_fakes_zero_makes_one_fake_per_eight_images(tiny_overrides):
