@@ -92,6 +92,18 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler steps (ddpm always runs all T)")
     p.add_argument("--t-min", type=_non_negative, default=None,
                    help="no sampler step below this timestep (default: the run's diffusion.sample_t_min)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM's fresh noise per step, in [0, 1] (0: deterministic; 1: DDPM's step on DDIM's grid)")
+
+
+def _check_generation_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit code 2) in how the samples are drawn."""
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if not 0.0 <= args.eta <= 1.0:
+        p.error(f"--eta {args.eta}: must be in [0, 1]")
+    if args.eta > 0 and args.sampler != "ddim":
+        p.error(f"--eta is DDIM's; --sampler {args.sampler} would ignore it (add --sampler ddim, or drop --eta)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -147,8 +159,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="--task inpaint/sr: score the first N held-out images of --reference")
     add_inpaint_args(p, mask_file=False)  # --mask-type box|brush --jump-length --jump-n-sample
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
+    _check_generation_args(p, args)
     if args.utility_per_class < 2:
         p.error("--utility-per-class must be >= 2")
     for name in (*DEFAULT_METRICS, "sharpness", *AUDIT_METRICS) if args.report else AUDIT_METRICS if args.audit else ():
@@ -176,7 +187,7 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
                                 reference=args.reference, batch_size=args.batch_size, t_values=args.t_values,
                                 recon_images=args.recon_images, reference_images=args.reference_images,
                                 cache_dir=run_dir.parent / ".cache" / "fid", guidance=args.guidance,
-                                per_class=args.per_class, utility_per_class=args.utility_per_class)
+                                per_class=args.per_class, utility_per_class=args.utility_per_class, eta=args.eta)
     # the other ranks leave only once the results are on disk (on_main is collective)
     dist.on_main(lambda: print_report(write_outputs(result, args, record, run_dir, cfg, diffusion, chosen)))
     return 0

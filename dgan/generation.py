@@ -163,9 +163,10 @@ def rank_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
 @torch.no_grad()
 def generate_indices(G: torch.nn.Module, diffusion, indices: Sequence[int], *, sampler: str, steps: int,
                      seed: int, channels: int, image_size: int, num_classes: int, batch_size: int,
-                     device: torch.device, guidance: float = 1.0) -> torch.Tensor:
+                     device: torch.device, guidance: float = 1.0, eta: float = 0.0) -> torch.Tensor:
     """Samples (float [-1, 1], CPU) for the given indices, in that order, from the EMA generator.
-    Conditional models: sample i has label i % num_classes, drawn with classifier-free `guidance`."""
+    Conditional models: sample i has label i % num_classes, drawn with classifier-free `guidance`.
+    eta: DDIM's fresh noise (other samplers have no such setting)."""
     shape = (channels, image_size, image_size)
     out = [torch.empty((0, *shape))]
     was_training = G.training
@@ -177,8 +178,9 @@ def generate_indices(G: torch.nn.Module, diffusion, indices: Sequence[int], *, s
             labels = torch.tensor(chunk, device=device) % num_classes if num_classes > 0 else None
             # DDPM draws fresh noise at every step; its stream is seeded by the batch's first index.
             step_gen = stream_generator(device, seed, Stream.STEP_NOISE, chunk[0])
+            kw = {"eta": eta} if sampler == "ddim" else {}
             x = diffusion.sample(guided_model_fn(G, labels, guidance), sampler, x_T=x_T, steps=steps,
-                                 generator=step_gen)
+                                 generator=step_gen, **kw)
             out.append(x.cpu())
     finally:
         G.train(was_training)
@@ -206,13 +208,14 @@ def gather_in_order(indices: Sequence[int], images: torch.Tensor,
 
 def generate_distributed(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, sampler: str, steps: int,
                          seed: int, batch_size: int, device: torch.device,
-                         guidance: float = 1.0) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                         guidance: float = 1.0, eta: float = 0.0
+                         ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Collective: every rank generates its share; rank 0 gets N uint8 samples (and their ranks)."""
 
     mine = rank_indices(num_samples, dist.get_rank(), dist.get_world_size())
     x = generate_indices(G, diffusion, mine, sampler=sampler, steps=steps, seed=seed,
                          channels=cfg.model.channels, image_size=cfg.model.image_size,
                          num_classes=cfg.model.num_classes, batch_size=batch_size, device=device,
-                         guidance=guidance)
+                         guidance=guidance, eta=eta)
     # uint8 before the gather: a quarter of the bytes, and exactly what FID/KID score.
     return gather_in_order(mine, to_uint8(x), num_samples)

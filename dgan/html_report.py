@@ -90,7 +90,8 @@ def provenance(report: dict[str, Any]) -> str:
              "reference": f"split {ref.get('split')}, {ref.get('num_images')} images"
                           + (f"; {ref['train_images']} training images" if ref.get("train_images") else ""),
              "extractor": ex.get("path") or ex.get("name") or "-",
-             "samples": f"{report['num_samples']} ({report['sampler']}, {report['steps']} steps, seed "
+             "samples": f"{report['num_samples']} ({report['sampler']}, {report['steps']} steps"
+                        + (f", eta {report['eta']}" if report.get("eta") else "") + ", seed "
                         f"{report['seed']}, guidance {report['guidance']})",
              "written": f"{report['created']} by dgan {report['dgan_version']}"}
     return "\n".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items.items())

@@ -81,6 +81,7 @@ def build_report(result: EvalResult, args: argparse.Namespace, record: dict, run
         "sampler": args.sampler,
         "steps": diffusion.num_steps if args.sampler == "ddpm" else args.steps,  # DDPM always runs T steps
         "t_min": 0 if args.sampler == "ddpm" else diffusion.t_min,  # the grid's floor (DDPM: every step)
+        "eta": args.eta,
         "seed": args.seed,
         "guidance": args.guidance,
         "batch_size": args.batch_size,
@@ -160,7 +161,8 @@ def print_report(report: dict) -> None:
         table.add_row(key, format_value(value))
     console.print(table)
     extractor = report["extractor"].get("name") or "-"
-    console.print(f"samples {report['num_samples']} ({report['sampler']}, {report['steps']} steps, seed "
+    eta = f", eta {report['eta']}" if report.get("eta") else ""  # reports before --eta have none
+    console.print(f"samples {report['num_samples']} ({report['sampler']}, {report['steps']} steps{eta}, seed "
                   f"{report['seed']}, world size {report['world_size']}); reference {ref.get('source')} "
                   f"split {ref.get('split')} ({ref.get('num_images')} images); extractor {extractor}",
                   highlight=False)

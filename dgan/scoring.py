@@ -179,7 +179,7 @@ def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, samp
                    reference: str = "val", batch_size: int = 64, t_values: Sequence[int] = DEFAULT_T_VALUES,
                    recon_images: int = DEFAULT_RECON_IMAGES, reference_images: Optional[int] = None,
                    cache_dir=None, guidance: float = 1.0, per_class: bool = False,
-                   utility_per_class: int = DEFAULT_UTILITY_PER_CLASS) -> EvalResult:
+                   utility_per_class: int = DEFAULT_UTILITY_PER_CLASS, eta: float = 0.0) -> EvalResult:
     """Collective: call on every rank. Metrics and info are broadcast to all ranks; samples (and the
     audit's pictures, `artefacts`) stay on rank 0.
     per_class: also FID/KID of each class's samples against that class's reference images."""
@@ -199,7 +199,7 @@ def run_evaluation(G: torch.nn.Module, diffusion, cfg, *, num_samples: int, samp
     if chosen & SAMPLE_METRICS:
         samples, ranks = generate_distributed(G, diffusion, cfg, num_samples=num_samples, sampler=sampler,
                                               steps=steps, seed=seed, batch_size=batch_size, device=device,
-                                              guidance=guidance)
+                                              guidance=guidance, eta=eta)
     ev.info.update(generation_s=round(time.perf_counter() - clock, 3), extractor=extractor,
                    world_size=dist.get_world_size())
     scores, info = dist.on_main(lambda: ev.score(samples))  # every rank gets the numbers, or rank 0's error

@@ -195,6 +195,28 @@ def test_t_min_reaches_the_sampler_and_the_report(run_dir, checkpoint, loaded, e
     assert bad.returncode == 2 and "--t-min 100" in bad.stderr and not (tmp_path / "bad.json").exists()
 
 
+def test_eta_reaches_ddim_and_the_report(run_dir, checkpoint, loaded, extractor, tmp_path):
+    """--eta 1 samples DDIM with DDPM's fresh noise per step (the same images as generate_indices with
+    eta=1, none equal to eta 0's) and records it; an eta another sampler would ignore is a usage error."""
+    from dgan.generation import generate_indices
+    from dgan.metrics import to_uint8
+
+    cmd = ["--fid", "--run", str(run_dir), *EVAL[:-2], "--no-mlflow", "--feature-extractor", str(extractor)]
+    r = _evaluate(*cmd, "--eta", "1", "--dump-samples", str(tmp_path / "e.pt"), "--out", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "e.json").read_text())["eta"] == 1.0 and "eta 1.0" in r.stdout
+    images = torch.load(tmp_path / "e.pt", weights_only=True)["images"]
+    G, _, diffusion, _ = loaded
+    grids = {eta: to_uint8(generate_indices(G, diffusion, list(range(8)), sampler="ddim", steps=4, seed=0, channels=1,
+                                            image_size=32, num_classes=0, batch_size=4, device=torch.device("cpu"),
+                                            eta=eta)) for eta in (0.0, 1.0)}
+    assert torch.equal(images, grids[1.0])
+    assert all(not torch.equal(a, b) for a, b in zip(grids[0.0], grids[1.0]))
+    for bad, needle in ((["--eta", "0.5", "--sampler", "dpmpp2m"], "--eta is DDIM's"), (["--eta", "2"], "--eta 2.0")):
+        out = _evaluate(*cmd, *bad, "--out", str(tmp_path / "bad.json"))
+        assert out.returncode == 2 and needle in out.stderr and not (tmp_path / "bad.json").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # The pieces, in process
 # --------------------------------------------------------------------------------------------------
