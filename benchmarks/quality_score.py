@@ -17,7 +17,9 @@ def held_out_accuracy(path: Path, data: dict, device: str) -> float:
     """How well the extractor's features separate the classes on images it never saw: balanced
     accuracy of a nearest-class-mean rule on the features, fitted on the training part. A sanity
     check that the feature space carries the domain signal FID/KID are meant to compare."""
-    net = torch.jit.load(str(path), map_location=device).eval()
+    from dgan.metrics.fidelity import load_scripted  # torch-fidelity: see the module's docstring
+
+    net = load_scripted(path).to(device)
     feats = {k: torch.cat([net(x.to(device)).cpu() for x in data[f"{k}_images"].split(256)])
              for k in ("train", "ref")}
     means = torch.stack([feats["train"][data["train_labels"] == c].mean(0) for c in (0, 1)])

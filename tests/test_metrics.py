@@ -31,6 +31,7 @@ from dgan.metrics import (
     to_uint8,
     train_domain_extractor,
 )
+from dgan.metrics.fidelity import load_scripted
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
@@ -52,12 +53,6 @@ def xrays() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tiny_extractor(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_extractor(tmp_path_factory.mktemp("extractor") / "tiny.pt", channels=1, dim=64)
-
-
-def _load_scripted(path: Path) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in recent torch
-        return torch.jit.load(str(path))
 
 
 def _blur(images: torch.Tensor) -> torch.Tensor:
@@ -132,7 +127,7 @@ def test_extractor_with_wrong_output_shape_is_reported(xrays, tmp_path) -> None:
 
 def test_tiny_extractor_accepts_rgb_and_other_sizes(xrays, tiny_extractor) -> None:
     images, _ = xrays
-    net = _load_scripted(tiny_extractor)
+    net = load_scripted(tiny_extractor)
     gray = images[:8]
     features = net(gray)
     assert features.shape == (8, 64) and features.dtype == torch.float32
@@ -140,9 +135,9 @@ def test_tiny_extractor_accepts_rgb_and_other_sizes(xrays, tiny_extractor) -> No
     torch.testing.assert_close(net(gray.expand(-1, 3, -1, -1)), features)
     assert net(F.interpolate(gray.float(), size=40).to(torch.uint8)).shape == (8, 64)
     # Same seed, same network; another seed, another one.
-    again = _load_scripted(build_tiny_extractor(tiny_extractor.with_name("again.pt"), channels=1, dim=64))
+    again = load_scripted(build_tiny_extractor(tiny_extractor.with_name("again.pt"), channels=1, dim=64))
     torch.testing.assert_close(again(gray), features)
-    other = _load_scripted(build_tiny_extractor(tiny_extractor.with_name("other.pt"), channels=1, dim=64, seed=1))
+    other = load_scripted(build_tiny_extractor(tiny_extractor.with_name("other.pt"), channels=1, dim=64, seed=1))
     assert not torch.allclose(other(gray), features)
 
 
@@ -209,7 +204,7 @@ def test_domain_extractor_trains_and_ranks_blur_and_noise(xrays, tmp_path) -> No
     assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0]
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[-1]["accuracy"] > 0.75  # normal vs pneumonia is learnable; chance is 0.5
-    assert _load_scripted(path)(images[:4]).shape == (4, 32)
+    assert load_scripted(path)(images[:4]).shape == (4, 32)
 
     real, other = images[:300], images[300:600]
     scores = {
