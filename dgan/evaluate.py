@@ -1,7 +1,7 @@
 """python -m dgan.evaluate: FID/KID/PSNR/SSIM of a checkpoint's EMA generator.
 
     python -m dgan.evaluate --fid --kid --psnr --ssim [--frd] [--sharpness] [--run DIR | --checkpoint PATH]
-        [--num-samples N] [--sampler ddim|ddpm|dpmpp2m --steps 50] [--batch-size B] [--seed S]
+        [--num-samples N] [--sampler ddim|ddpm|dpmpp2m --steps 50 --eta 0] [--batch-size B] [--seed S]
         [--fid-weights PATH] [--feature-extractor model.pt] [--reference val|train]
         [--t-values 50,100,250,500] [--root runs] [--no-mlflow] [--guidance W] [--per-class]
         [--prdc] [--memorization] [--diversity] [--utility] [--audit] [--utility-per-class N]
@@ -22,8 +22,8 @@ evaluated, at its newest valid checkpoint.
 
 Generation. Sample i starts from noise seeded by (seed, i) and, for conditional models, has label
 i % num_classes, so the sample set does not depend on the batch size or on the number of ranks
-(up to float rounding between batch compositions; DDPM's per-step noise is drawn per batch, so
-DDPM is reproducible for the same world size and batch size). Under torchrun, rank r generates the
+(up to float rounding between batch compositions; DDPM's per-step noise, and DDIM's with --eta above
+0, is drawn per batch, so those are reproducible for the same world size and batch size). Under torchrun, rank r generates the
 indices i with i % world_size == r and rank 0 gathers exactly N samples in index order. Write
 --run-dir there: torchrun's own parser takes --run for an abbreviation of its --run-path.
 

@@ -176,7 +176,8 @@ def generate_indices(G: torch.nn.Module, diffusion, indices: Sequence[int], *, s
             chunk = list(indices[start:start + batch_size])
             x_T = initial_noise(chunk, seed, shape).to(device)
             labels = torch.tensor(chunk, device=device) % num_classes if num_classes > 0 else None
-            # DDPM draws fresh noise at every step; its stream is seeded by the batch's first index.
+            # DDPM (and DDIM with eta > 0) draws fresh noise at every step; its stream is seeded by the
+            # batch's first index.
             step_gen = stream_generator(device, seed, Stream.STEP_NOISE, chunk[0])
             kw = {"eta": eta} if sampler == "ddim" else {}
             x = diffusion.sample(guided_model_fn(G, labels, guidance), sampler, x_T=x_T, steps=steps,

@@ -274,7 +274,8 @@ def run_inpaint_task(G: torch.nn.Module, diffusion: Diffusion, cfg, args: argpar
         scores = evaluate_inpainting(G, diffusion, real, mask_type=args.mask_type or "box", seed=args.seed,
                                      labels=conditioning_labels(cfg, labels), sampler=args.sampler,
                                      steps=args.steps, jump_length=args.jump_length,
-                                     jump_n_sample=args.jump_n_sample, batch_size=args.batch_size, device=device)
+                                     jump_n_sample=args.jump_n_sample, batch_size=args.batch_size, device=device,
+                                     eta=args.eta)
         kept["samples"] = to_uint8(scores.pop("results"))
         info = {"reference": reference_info(cfg, args.reference, real.shape[0], None),
                 "task": {"mask_type": args.mask_type or "box", "jump_length": args.jump_length,

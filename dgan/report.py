@@ -134,7 +134,8 @@ def write_outputs(result: EvalResult, args: argparse.Namespace, record: dict, ru
     if tracker is not None:
         tracker.log_metrics({f"eval/{k}": v for k, v in result.metrics.items()}, step=step)
         tracker.set_tags({"eval.checkpoint": record["path"], "eval.step": step, "eval.run_dir": str(run_dir),
-                          "eval.reference": (report["reference"] or {}).get("split", "")})
+                          "eval.reference": (report["reference"] or {}).get("split", ""),
+                          "eval.sampler": f"{report['sampler']} {report['steps']} steps, eta {report['eta']}"})
         for artifact in (json_path, grid, memo_png, page):
             if artifact is not None:
                 tracker.log_artifact(artifact, "eval")

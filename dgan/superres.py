@@ -178,7 +178,7 @@ def run_sr_task(G: torch.nn.Module, diffusion, cfg, args, device: torch.device):
     def score() -> tuple[dict, dict]:  # rank 0; an error there stops every rank
         hr = load_reference(cfg, args.reference, args.task_images)[0]
         metrics, sr = scored_sr(G, diffusion, hr, scale=cfg.model.sr_scale, sampler=args.sampler,
-                                steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+                                steps=args.steps, seed=args.seed, batch_size=args.batch_size, eta=args.eta)
         kept["samples"] = to_uint8(sr)
         info = {"reference": reference_info(cfg, args.reference, hr.shape[0], None),
                 "task": {"scale": cfg.model.sr_scale, "degradation": "area downsample, bicubic upsample",

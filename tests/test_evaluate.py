@@ -109,6 +109,7 @@ def test_cli_logs_to_the_training_run_in_mlflow(user_eval, run_dir, checkpoint):
     assert (trainer["step"], metrics["fid"]) in [(m.step, m.value) for m in history]
     assert mrun.data.metrics["eval/ssim_t50"] == metrics["ssim_t50"]
     assert mrun.data.tags["eval.step"] == str(trainer["step"])
+    assert mrun.data.tags["eval.sampler"] == "ddim 4 steps, eta 0.0"  # how the scored samples were drawn
     assert mrun.info.status == "FINISHED"  # reopening the run for evaluation did not leave it RUNNING
     artifacts = {a.path for a in client.list_artifacts(mrun.info.run_id, "eval")}
     assert {f"eval/{user_eval['path'].name}", f"eval/samples-{trainer['step']:09d}.png"} <= artifacts
