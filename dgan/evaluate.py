@@ -23,8 +23,8 @@ evaluated, at its newest valid checkpoint.
 Generation. Sample i starts from noise seeded by (seed, i) and, for conditional models, has label
 i % num_classes, so the sample set does not depend on the batch size or on the number of ranks
 (up to float rounding between batch compositions; DDPM's per-step noise, and DDIM's with --eta above
-0, is drawn per batch, so those are reproducible for the same world size and batch size). Under torchrun, rank r generates the
-indices i with i % world_size == r and rank 0 gathers exactly N samples in index order. Write
+0, is drawn per batch, so those are reproducible for the same world size and batch size). Under
+torchrun, rank r generates the indices i with i % world_size == r and rank 0 gathers exactly N samples in index order. Write
 --run-dir there: torchrun's own parser takes --run for an abbreviation of its --run-path.
 
 Reference. The held-out split of the run's data config (--reference val, default) or its training

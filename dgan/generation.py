@@ -87,9 +87,8 @@ def generate(G: torch.nn.Module, diffusion: Diffusion, *, n: int, sampler: str =
         y = None if labels is None else labels[start:start + m].to(device)
         x_T = torch.randn((m, channels, image_size, image_size), generator=gen, device=device)
         fn = guided_model_fn(G, y, guidance)
-        kw = {"eta": eta} if sampler == "ddim" else {}
-        out.append(diffusion.sample(fn, sampler, x_T=x_T, steps=steps, generator=gen, callback=callback,
-                                    **kw).cpu())
+        out.append(diffusion.sample(fn, sampler, x_T=x_T, steps=steps, eta=eta, generator=gen,
+                                    callback=callback).cpu())  # only DDIM reads eta
     G.train(was_training)
     return torch.cat(out)
 
@@ -179,9 +178,8 @@ def generate_indices(G: torch.nn.Module, diffusion, indices: Sequence[int], *, s
             # DDPM (and DDIM with eta > 0) draws fresh noise at every step; its stream is seeded by the
             # batch's first index.
             step_gen = stream_generator(device, seed, Stream.STEP_NOISE, chunk[0])
-            kw = {"eta": eta} if sampler == "ddim" else {}
             x = diffusion.sample(guided_model_fn(G, labels, guidance), sampler, x_T=x_T, steps=steps,
-                                 generator=step_gen, **kw)
+                                 eta=eta, generator=step_gen)  # only DDIM reads eta
             out.append(x.cpu())
     finally:
         G.train(was_training)

@@ -75,9 +75,8 @@ def super_resolve(G: torch.nn.Module, diffusion, lr: torch.Tensor, *, scale: int
                                      noise)
             # step noise (ddpm, ddim with eta > 0): its own stream per batch, tag 1 as in dgan.evaluate
             gen = stream_generator(device, seed, Stream.STEP_NOISE, start)
-            kw = {"eta": eta} if sampler == "ddim" else {}
             x = diffusion.sample(guided_model_fn(G, None, 1.0, cond), sampler, x_T=x_T, steps=steps,
-                                 generator=gen, **kw)
+                                 eta=eta, generator=gen)  # only DDIM reads eta
             out.append(x.cpu())
     finally:
         G.train(was_training)

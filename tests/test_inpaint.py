@@ -305,3 +305,11 @@ def test_evaluate_task_inpaint_writes_the_metrics(run_dir, tmp_path):
                               "baseline": "mean of the known pixels"}
     assert report["reference"]["num_images"] == 4 and report["num_samples"] == 4
     assert "inpaint_psnr" in r.stdout  # the console table
+    # --eta reaches the RePaint steps (DDIM's fresh noise changes the fill) and the report
+    noisy = tmp_path / "eta.json"
+    r = run_cli([sys.executable, "-m", "dgan.evaluate", "--task", "inpaint", "--run", str(run_dir),
+                 "--mask-type", "brush", "--task-images", "4", "--sampler", "ddim", "--steps", "5", "--eta", "1",
+                 "--jump-length", "2", "--jump-n-sample", "2", "--batch-size", "4", "--no-mlflow", "--out", str(noisy)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    eta_report = json.loads(noisy.read_text())
+    assert eta_report["eta"] == 1.0 and eta_report["metrics"]["inpaint_psnr"] != metrics["inpaint_psnr"]
