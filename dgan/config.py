@@ -35,11 +35,11 @@ class ModelConfig:
     task: Literal["generate", "sr"] = "generate"  # sr: G conditioned on the bicubic-upsampled LR image
     sr_scale: int = 4                         # task=sr: HR/LR size ratio (model.image_size is the HR size)
     time_dim: int = 128                       # width of the t/tau embedding
-    # true: (t, y) scale and shift after every GroupNorm of the UNet++, not only one FiLM per encoder
-    # stage (models/adanorm.py). Off: neutral with v prediction (28 kimg FID 1.53 on vs 1.37 off; RESULTS.md)
+    # true: (t, y) scale and shift after every GroupNorm of the UNet++ (encoder and decoder), not only
+    # one FiLM per encoder stage (models/adanorm.py). Off by default: with v prediction it measured
+    # neutral (PneumoniaMNIST 28 kimg: FID 1.53 on vs 1.37 off; tiny phantoms: 1-2%, benchmarks/RESULTS.md)
+    # and it costs a modulation per norm layer.
     norm_conditioning: bool = False
-    # true: G also gets the DDIM step's size (schedules.jump_size), which diffusion.shortcut_fraction teaches
-    step_size_conditioning: bool = False
     d_channels: int = 32                      # PatchGAN base width (64 costs 4x: D runs 3 passes per step)
     d_layers: int = 3                         # PatchGAN stride-2 layers
     channels_last: bool = False
@@ -67,9 +67,6 @@ class DiffusionConfig:
     # The samplers' lowest timestep (0: down to t = 0). 9, the 10-step grid's last: FID at DDIM 50 0-23%
     # lower after 28 kimg (five seeds), mixed after 100 (RESULTS.md, "the DDIM-50 grain"); dgan.sample --t-min.
     sample_t_min: int = 0
-    # Rows of each batch whose target is G's own two half steps, not the posterior mean: a step of a 4-20
-    # step DDIM learns to land where two of twice as many do (shortcut models; dgan/targets.py). 0 = off
-    shortcut_fraction: float = 0.0
 
 
 @dataclass
@@ -87,10 +84,11 @@ class GanConfig:
     # D judges a clean image beside the noisy x_t it came from (and t): "is this a plausible x0 for
     # this x_t?" rather than "is this a plausible image?" (DDGAN's conditional D, without its latent)
     d_sees_xt: bool = False
-    # true: adv_weight is a ratio: on each fake, the adversarial gradient at G's output is rescaled to
-    # adv_weight x the norm of that sample's diffusion-loss gradient (losses.balanced_adv_surrogate), so D
-    # may learn without pushing G to texture (RESULTS.md, "A bounded adversarial push"). false: the plain
-    # weighted sum, which with a D that learns ruined G (the old recipe: gan.r1_gamma=0.05 train.lr_d=2e-4).
+    # true: adv_weight is no loss weight but a ratio: on each fake, the adversarial gradient at G's output
+    # is rescaled to adv_weight x the norm of that sample's diffusion-loss gradient (losses.balanced_adv_surrogate).
+    # With it D may learn (r1_gamma 0, lr_d 1e-3) without pushing G to texture: five seeds at 28 kimg in
+    # benchmarks/RESULTS.md ("A bounded adversarial push"). false: the plain weighted sum, which with a
+    # D that learns ruined G; the old recipe is false with gan.r1_gamma=0.05 train.lr_d=2e-4.
     adv_balance: bool = True
     # What D judges as fake. samples: G's own samples, run by a no-grad DDIM chain (self_fake_steps, the
     # sampler's grid) from pure noise down to one t <= adv_t_max, whose last x0 prediction is made in G's
@@ -99,12 +97,14 @@ class GanConfig:
     # Paired at 28 kimg, samples beat recon on 6 and 5 of 8 runs at DDIM 10 and 50 (FID -4%), and D learns
     # from them (benchmarks/RESULTS.md, "Fakes from G's own sampler").
     fakes: Literal["recon", "samples"] = "samples"
-    # fakes=samples: G's own samples per micro-batch; 0 = one per 8 of its images (at least one), so the
-    # chain's forwards never dominate a small batch's step (benchmarks/RESULTS.md, "Hybrid step cost")
+    # fakes=samples: G's own samples per micro-batch; 0 = one per 8 of its images (at least one): 8 at a
+    # batch of 64 (the setting measured), 1 at the seed setup's 8, whose step the chain's forwards would
+    # otherwise dominate (benchmarks/RESULTS.md, "Hybrid step cost")
     self_fakes: int = 0
     self_fake_steps: int = 4                  # fakes=samples: the DDIM grid of their chain
-    # fakes=samples: the adversarial part of a step (the chain, D's step, G's term) runs on one step in
-    # self_fake_every, its ratio x self_fake_every (lazy, like R1). Why: the chain costs a step ~1.6x (CPU)
+    # fakes=samples: the adversarial part of a step (the chain, D's step, G's adversarial term) runs on one
+    # step in self_fake_every, with its ratio x self_fake_every (lazy, like StyleGAN2's R1); the others are
+    # pure diffusion steps. Why: the chain's forwards cost a step about 1.6x (batch 64, CPU)
     self_fake_every: int = 4
     sigma: float = 0.05                       # instance-noise std for D's diffusion
     tau_dist: Literal["priority", "uniform"] = "priority"
@@ -159,7 +159,8 @@ class TrainConfig:
     # After warm-up: "cosine" decays the lr to lr_min_ratio x lr at total_kimg; "constant" holds it
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     lr_min_ratio: float = 0.1
-    # the cosine's horizon; null = total_kimg. Pin it to extend a run (total_kimg up, then --resume)
+    # the cosine's horizon; null = total_kimg. Pin it to extend a run (total_kimg up, then
+    # --resume) without reshaping the lr curve that the run has followed so far.
     lr_decay_kimg: Optional[float] = None
     grad_clip_g: float = 1.0
     grad_clip_d: float = 1.0

@@ -94,7 +94,6 @@ def validate(cfg) -> None:
     if m.task != "sr":  # SR sampling starts from q(upsampled LR, T), so signal left at T is wanted there
         _require_terminal_noise(d)
     _validate_gan(g, d, m)
-    _validate_shortcut(d, m)
     _require(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size", "batch_size and grad_accum must be >= 1")
     _require(t.total_kimg > 0, "train.total_kimg", "must be > 0")
     _require(t.lr_g > 0 and t.lr_d > 0, "train.lr_g", "learning rates must be > 0")
@@ -118,19 +117,6 @@ def validate(cfg) -> None:
     _validate_eval(cfg.eval, sr=m.task == "sr")
     _validate_sr(cfg)
     _require(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
-
-
-def _validate_shortcut(d, m) -> None:  # DiffusionConfig, ModelConfig
-    _require(0 <= d.shortcut_fraction < 1, "diffusion.shortcut_fraction", "must be in [0, 1) (0 = off, 0.25 a quarter)")
-    if d.shortcut_fraction == 0:
-        return
-    fix = "or set diffusion.shortcut_fraction=0"
-    _require(m.step_size_conditioning, "diffusion.shortcut_fraction",
-             f"teaches G the step size: set model.step_size_conditioning=true, {fix}")
-    _require(d.timestep_spacing == "quadratic", "diffusion.shortcut_fraction",
-             f"draws its steps from the quadratic grid: set diffusion.timestep_spacing=quadratic, {fix}")
-    _require(d.num_steps >= 40, "diffusion.shortcut_fraction",
-             f"needs diffusion.num_steps >= 40 for 4 distinct half steps, got {d.num_steps}; {fix}")
 
 
 def _validate_data(dc) -> None:  # a DataConfig

@@ -5,10 +5,8 @@ Notation follows Ho et al. 2020: ``alpha_t = 1 - beta_t``, ``alpha_bar_t = prod_
 and ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps``. Timesteps are 0-based,
 ``t in {0..T-1}``; "clean" (alpha_bar = 1) is the implicit state after t = 0.
 
-Samplers take a ``model_fn(x_t, t, step_size) -> output`` (eps_hat or v_hat, as ``prediction`` says)
-and know nothing about the network, so callers can wrap it (classifier-free guidance, inpainting, EMA
-weights) without touching this file. ``step_size`` [B] is how far a DDIM step is about to jump
-(`Diffusion.step_size`; 0 for the other samplers); a network not conditioned on it ignores it.
+Samplers take a ``model_fn(x_t, t) -> output`` (eps_hat or v_hat, as ``prediction`` says) and know
+nothing about the network, so callers can wrap it (classifier-free guidance, inpainting, EMA weights) without touching this file.
 """
 from __future__ import annotations
 
@@ -17,9 +15,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from dgan.schedules import SPACINGS, jump_size, make_betas, timestep_grid
+from dgan.schedules import SPACINGS, make_betas, timestep_grid
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # callback(i, x, x0_hat): i is the 0-based step index, x the state *after* step i (after any
 # step_hook), x0_hat the (possibly clipped) data prediction used for that step.
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -207,22 +205,14 @@ class Diffusion:
             raise ValueError("give either shape or x_T")
         return _randn(shape, generator, torch.device(device) if device is not None else self.device)
 
-    def step_size(self, t: int, t_next: Optional[int]) -> float:
-        """The size of a DDIM step from t to t_next (None: clean data), `schedules.jump_size`. DDIM 10's
-        steps below t = 300 are about 0.5, DDIM 50's about 0.2, the jump to clean data 1."""
-        return float(jump_size(self._alpha_bar64[t], torch.tensor(self.abar_at(t_next), dtype=torch.float64)))
-
-    def denoise(self, model_fn: ModelFn, x: torch.Tensor, t: int, clip_x0: bool, step_size: float = 0.0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the model at timestep t for a step of `step_size` (0: the posterior mean, what DDPM's
-        draw and DPM-Solver++'s extrapolation assume; DDIM passes its own step's size); return
-        (x0_hat, eps_hat), consistent with each other.
+    def denoise(self, model_fn: ModelFn, x: torch.Tensor, t: int, clip_x0: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model at timestep t; return (x0_hat, eps_hat), consistent with each other.
 
         `model_fn` returns the network's raw output, interpreted by self.prediction."""
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        size = torch.full((x.shape[0],), step_size, device=x.device)
         abar = self.abar_at(t)
-        x0, eps = self._x0_eps_scalar(x, model_fn(x, t_batch, size), abar)
+        x0, eps = self._x0_eps_scalar(x, model_fn(x, t_batch), abar)
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
             # re-derive eps so the DDIM update stays on the line through x_t and the clipped x0
@@ -304,7 +294,7 @@ class Diffusion:
         ts = [t for t in self.timesteps_for(steps).tolist() if end_t is None or t > end_t]
         for i, t in enumerate(ts):
             t_next = ts[i + 1] if i + 1 < len(ts) else end_t
-            x0, eps = self.denoise(model_fn, x, t, clip_x0, self.step_size(t, t_next))
+            x0, eps = self.denoise(model_fn, x, t, clip_x0)
             x = self.ddim_step(x0, eps, t, t_next, eta=eta, generator=generator)
             if step_hook is not None:
                 x = step_hook(x, self._t_tensor(t_next, x))

@@ -53,24 +53,14 @@ def guided_model_fn(G: torch.nn.Module, labels: Optional[torch.Tensor], guidance
                     cond: Optional[torch.Tensor] = None) -> Callable:
     """G's output (eps or v) at (x_t, t) for the sampler. With labels and guidance != 1,
     classifier-free guidance: out_uncond + w * (out_cond - out_uncond), both from one batched
-    forward. At fixed (x_t, t), eps, v and x0 are affine in each other, so guiding v is guiding eps.
-    The sampler's step size reaches G only where G was built to take it (model.step_size_conditioning):
-    other generators, a test's stand-in included, keep their (x_t, t, y[, cond]) signature."""
-    sized = bool(getattr(G, "step_size_conditioning", False))
-
-    def call(x: torch.Tensor, t: torch.Tensor, y, c, size: Optional[torch.Tensor]) -> torch.Tensor:
-        if sized:
-            return G(x, t, y, c, size)
-        return G(x, t, y, c) if c is not None else G(x, t, y)
-
-    def fn(x_t: torch.Tensor, t: torch.Tensor, step_size: Optional[torch.Tensor] = None) -> torch.Tensor:
+    forward. At fixed (x_t, t), eps, v and x0 are affine in each other, so guiding v is guiding eps."""
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if labels is None or guidance == 1.0:
-            return call(x_t, t, labels, cond, step_size)
+            return G(x_t, t, labels, cond) if cond is not None else G(x_t, t, labels)
         null = torch.full_like(labels, -1)
         x2, t2, y2 = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])
         c2 = None if cond is None else torch.cat([cond, cond])
-        s2 = None if step_size is None else torch.cat([step_size, step_size])
-        eps_c, eps_u = call(x2, t2, y2, c2, s2).chunk(2)
+        eps_c, eps_u = (G(x2, t2, y2, c2) if c2 is not None else G(x2, t2, y2)).chunk(2)
         return eps_u + guidance * (eps_c - eps_u)
     return fn
 

@@ -98,8 +98,7 @@ def denoise_step(diffusion: Diffusion, model_fn: ModelFn, x: torch.Tensor, t: in
     """One sampler update from timestep t to t_next (None: clean), as Diffusion's samplers make it:
     x0 is predicted and clipped to [-1, 1], then DDPM draws from q_posterior (one-step grid) and DDIM
     moves along the (x0, eps) line with eta-scaled fresh noise."""
-    size = diffusion.step_size(t, t_next) if sampler == "ddim" else 0.0
-    x0, eps = diffusion.denoise(model_fn, x, t, True, size)
+    x0, eps = diffusion.denoise(model_fn, x, t, clip_x0=True)
     if sampler == "ddpm":
         mean, variance, _ = diffusion.q_posterior(x0, x, _t_batch(t, x))
         return mean if t_next is None else mean + variance.sqrt() * _noise_like(x, generator)

@@ -79,17 +79,3 @@ def timestep_grid(num_steps: int, steps: int, spacing: str, t_min: int = 0) -> t
     for i in range(steps - 2, -1, -1):
         grid[i] = max(int(grid[i]), int(grid[i + 1]) + 1)
     return grid
-
-
-def jump_size(abar: torch.Tensor, abar_next: torch.Tensor) -> torch.Tensor:
-    """How far a step from a state with alpha_bar `abar` to one with `abar_next` (1: clean data)
-    jumps, elementwise in [0, 1]: c = 1 - sqrt(SNR / SNR_next), the share of the next state's signal
-    that the step's x0 prediction sets rather than x_t carries. A DDIM step (eta 0) lands at
-    sqrt(abar_next) [c x0_hat + (1 - c) x_t / sqrt(abar)]. 0 for a vanishing step, 1 for the jump to
-    clean data.
-
-    Why G may be told it (model.step_size_conditioning): the posterior mean that the diffusion loss
-    teaches is the right x0_hat for a vanishing step and blurs a large one, so a G that knows the
-    step can learn a different x0_hat per step size (diffusion.shortcut_fraction)."""
-    ratio = abar * (1.0 - abar_next) / ((1.0 - abar) * abar_next)
-    return (1.0 - ratio.clamp(min=0.0).sqrt()).clamp(0.0, 1.0)

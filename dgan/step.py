@@ -32,7 +32,6 @@ from dgan.diffusion import Diffusion
 from dgan.generation import sr_condition
 from dgan.losses import balanced_adv_surrogate, d_loss, diffusion_loss, g_adv_loss, r1_penalty
 from dgan.seeding import Stream, stream_generator
-from dgan.targets import diffusion_batch
 from dgan.update import apply_step, unscale_and_clip
 
 
@@ -234,8 +233,8 @@ def self_sampled_xt(tr: Trainables, cfg: Config, k: int, y: Optional[torch.Tenso
     t_last = int(torch.randint(0, cfg.gan.adv_t_max + 1, (), generator=draws.host))
     x_T = torch.randn((k, *like.shape[1:]), generator=draws.device, device=like.device, dtype=like.dtype)
 
-    def model_fn(x_t: torch.Tensor, t: torch.Tensor, step_size: torch.Tensor) -> torch.Tensor:
-        return tr.G_raw(x_t, t, y, cond, step_size).float()
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return tr.G_raw(x_t, t, y, cond).float()
 
     # The plain module, no grad (ddim_sample's): no DDP reducer is involved, the chain costs only
     # forwards (and runs uncompiled under model.compile). BatchNorm would learn its statistics from
@@ -266,9 +265,8 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
     # recon: the first k samples of the batch have t <= adv_t_max and make the fakes; samples: the
     # fakes' x_t (G's own) ride along after the batch, so one DDP forward serves both losses.
     t, k = draw_timesteps(B, tr.diffusion.num_steps, g.adv_t_max, dev)
-    with autocast_for(cfg.train.precision, dev):  # the shortcut targets' no-grad forwards
-        t, x_t, target, sizes = diffusion_batch(tr.G_raw, tr.diffusion, cfg, x0, t, y_g, cond,
-                                                k if g.fakes == "recon" else 0)
+    eps = torch.randn_like(x0)
+    x_t = tr.diffusion.q_sample(x0, t, eps)
     x_in, t_in, y_in, c_in = x_t, t, y_g, cond
     samples = g.fakes == "samples" and adversarial
     if samples:
@@ -278,11 +276,10 @@ def g_forward(tr: Trainables, cfg: Config, x0: torch.Tensor, y_g: Optional[torch
         x_in, t_in = torch.cat([x_t, x_s]), torch.cat([t, t_s])
         y_in = None if y_g is None else torch.cat([y_g, y_s])
         c_in = None if cond is None else torch.cat([cond, c_s])
-        if sizes is not None:  # G's own samples get the posterior mean's push, as without shortcuts
-            sizes = torch.cat([sizes, torch.zeros(k, device=dev)])
     with dist.ddp_sync(tr.G, sync), autocast_for(cfg.train.precision, dev):
-        out = tr.G(x_in, t_in, y_in, c_in, sizes).float()
-    L_diff = diffusion_loss(out[:B], target, tr.diffusion.loss_weight(t, cfg.diffusion.min_snr_gamma))
+        out = tr.G(x_in, t_in, y_in, c_in).float()
+    L_diff = diffusion_loss(out[:B], tr.diffusion.training_target(x0, t, eps),
+                            tr.diffusion.loss_weight(t, cfg.diffusion.min_snr_gamma))
     fakes = slice(B, B + k) if samples else slice(0, k)
     x_t_fake, t_fake = x_in[fakes], t_in[fakes]
     x0_hat = tr.diffusion.model_x0(x_t_fake, t_fake, out[fakes]).clamp(-1, 1)

@@ -48,8 +48,8 @@ from dgan.progress import Progress
 # Architecture keys that must match for a checkpoint's weights to load.
 ARCH_KEYS = ["model.encoder", "model.encoder_depth", "model.decoder_channels", "model.channels",
              "model.num_classes", "model.time_dim", "model.d_channels", "model.d_layers", "model.norm",
-             "model.task", "model.norm_conditioning", "model.step_size_conditioning", "diffusion.num_steps",
-             "diffusion.prediction", "gan.d_sees_xt"]
+             "model.task", "model.norm_conditioning", "diffusion.num_steps", "diffusion.prediction",
+             "gan.d_sees_xt"]
 PROGRESS_KEYS = ["kimg", "img/s", "L_diff", "L_adv", "L_D", "r_d", "T_adapt", "d_guard/events"]
 
 

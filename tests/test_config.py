@@ -67,10 +67,6 @@ def test_image_size_not_divisible_suggests_sizes():
     ("gan.adv_warmup_kimg=-1", "gan.adv_warmup_kimg"), ("gan.self_fake_steps=1", "gan.self_fake_steps"),
     ("gan.self_fake_every=0", "gan.self_fake_every"), ("gan.self_fakes=-1", "gan.self_fakes"),
     ("gan.fakes=samples gan.r1_gamma=0.1 gan.r1_every=16 gan.self_fake_every=3", "gan.r1_every"),
-    ("diffusion.shortcut_fraction=0.25", "diffusion.shortcut_fraction"),
-    ("diffusion.shortcut_fraction=1 model.step_size_conditioning=true", "diffusion.shortcut_fraction"),
-    ("diffusion.shortcut_fraction=0.25 model.step_size_conditioning=true diffusion.timestep_spacing=uniform",
-     "diffusion.shortcut_fraction"),
 ])
 def test_impossible_values_fail_at_load(override, key):
     with pytest.raises(ConfigError, match=key):

@@ -52,7 +52,7 @@ def _gaussian_eps_fn(diff: Diffusion, mu: float, std: float):
     """Exact E[eps | x_t] when every pixel of x0 is N(mu, std^2): a linear, non-oracle model."""
     alpha_bar = diff.alpha_bar.double()
 
-    def model_fn(x_t: torch.Tensor, t: torch.Tensor, _step_size=None) -> torch.Tensor:
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = alpha_bar[t].view(-1, 1, 1, 1)
         eps = (1 - ab).sqrt() * (x_t.double() - ab.sqrt() * mu) / (ab * std ** 2 + 1 - ab)
         return eps.to(x_t.dtype)
@@ -247,7 +247,7 @@ ORACLE_ATOL = 1e-5
 
 
 def _oracle(diff: Diffusion, x0: torch.Tensor):
-    return lambda x_t, t, _step_size=None: diff.predict_eps(x_t, t, x0)
+    return lambda x_t, t: diff.predict_eps(x_t, t, x0)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -402,7 +402,7 @@ def test_step_hook_gets_next_timesteps_and_can_paste_known_pixels(linear, sample
 
 def _v_oracle(diff: Diffusion, x0: torch.Tensor):
     """The exact v for the current x_t: v = sqrt(abar) eps - sqrt(1 - abar) x0."""
-    return lambda x_t, t, _step_size=None: diff.training_target(x0, t, diff.predict_eps(x_t, t, x0))
+    return lambda x_t, t: diff.training_target(x0, t, diff.predict_eps(x_t, t, x0))
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 50), ("dpmpp2m", 20), ("ddpm", 0)])
@@ -456,43 +456,3 @@ def test_min_snr_weights():
 def test_unknown_prediction_is_refused():
     with pytest.raises(ValueError, match="prediction"):
         Diffusion(prediction="x0")
-
-
-# ------------------------------------------------------------------------- the step size
-
-@pytest.mark.parametrize("t, t_next", [(999, 809), (89, 39), (9, 5), (1, 0), (500, 499)])
-def test_step_size_is_the_x0_share_of_the_ddim_update(linear, t, t_next):
-    """A DDIM step (eta 0) from t to t_next lands at sqrt(abar_next) [c x0 + (1 - c) x_t / sqrt(abar_t)]:
-    c, the share of the next state's signal that this step's x0 prediction sets, is step_size."""
-    gen = torch.Generator().manual_seed(t)
-    x0, x_t = torch.randn(2, 1, 4, 4, generator=gen).unbind(0)
-    abar, abar_next = linear.abar_at(t), linear.abar_at(t_next)
-    eps = (x_t - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
-    c = linear.step_size(t, t_next)
-    expected = math.sqrt(abar_next) * (c * x0 + (1 - c) * x_t / math.sqrt(abar))
-    torch.testing.assert_close(linear.ddim_step(x0, eps, t, t_next), expected, rtol=1e-5, atol=1e-5)
-    assert 0.0 <= c <= 1.0
-    assert linear.step_size(t, None) == 1.0  # the jump to clean data takes the whole x0 prediction
-
-
-@pytest.mark.parametrize("sampler, steps", [("ddim", 10), ("ddim", 50), ("dpmpp2m", 10), ("ddpm", 0)])
-def test_ddim_tells_the_model_each_steps_size(sampler, steps):
-    """DDIM passes its own step's size; DDPM's draw and DPM-Solver++'s extrapolation assume the
-    posterior mean, so they pass 0."""
-    quadratic, seen = Diffusion(1000, spacing="quadratic"), []
-
-    def model_fn(x, t, step_size):
-        seen.append((int(t[0]), float(step_size[0]), float(step_size.max() - step_size.min())))
-        return torch.zeros_like(x)
-
-    quadratic.sample(model_fn, sampler, (2, 1, 4, 4), steps=steps or 50, generator=torch.Generator().manual_seed(0))
-    assert all(spread == 0 for _, _, spread in seen)
-    if sampler != "ddim":
-        assert all(s == 0 for _, s, _ in seen)
-        return
-    ts = [t for t, _, _ in seen]
-    expected = [quadratic.step_size(t, n) for t, n in zip(ts, ts[1:] + [None])]
-    assert [s for _, s, _ in seen] == pytest.approx(expected, abs=1e-6) and seen[-1][1] == 1.0
-    # below t = 300, away from the last step: DDIM 10's steps are about 2.5x DDIM 50's
-    low, high = {10: (0.4, 0.7), 50: (0.09, 0.21)}[steps]
-    assert all(low < s < high for t, s, _ in seen if 20 <= t <= 300)

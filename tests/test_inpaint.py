@@ -30,7 +30,7 @@ def checkpoint(run_dir: Path) -> Path:
     return max((run_dir / "checkpoints").glob("ckpt-0*.pt"))
 
 
-def _linear_fn(x: torch.Tensor, t: torch.Tensor, _step_size=None) -> torch.Tensor:
+def _linear_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A cheap deterministic stand-in for a network (depends on x and t)."""
     return 0.3 * x + 0.002 * t.view(-1, 1, 1, 1).to(x.dtype)
 
@@ -107,7 +107,7 @@ def test_resampling_jumps_change_the_model_calls():
     for jump_length, jump_n_sample in ((1, 1), (2, 3), (5, 4)):
         calls = seen.setdefault((jump_length, jump_n_sample), [])
 
-        def counting(x, t, _step_size, calls=calls):
+        def counting(x, t, calls=calls):
             calls.append(int(t[0]))
             return _linear_fn(x, t)
         inpaint(counting, diffusion, torch.zeros(2, 1, 16, 16), box_mask(16), steps=10, jump_length=jump_length,
@@ -162,7 +162,7 @@ def test_repaint_with_an_oracle_beats_the_mean_fill_and_jumps_help():
     lam, vecs = _smooth_gaussian(size, std=0.3, length_px=3.0)
     alpha_bar = diffusion.alpha_bar.double()
 
-    def oracle(x, t, _step_size=None):
+    def oracle(x, t):
         ab = alpha_bar[t[0]]
         z = x.double().flatten(1) @ vecs / (ab * lam + 1 - ab)
         return ((z @ vecs.T) * (1 - ab).sqrt()).view_as(x).to(x.dtype)

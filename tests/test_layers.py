@@ -40,7 +40,7 @@ def dgan_imports(path: Path) -> list[tuple[str, bool, ast.stmt]]:
 LAYERS = [
     {"dgan", "dgan.errors", "dgan.distributed", "dgan.runinfo", "dgan.schedules", "dgan.diffusion", "dgan.losses", "dgan.ema",
      "dgan.adaptive", "dgan.tracking", "dgan.progress", "dgan.seeding", "dgan.atomic", "dgan.pixels", "dgan.stopping", "dgan.update", "dgan.models*"},  # the core
-    {"dgan.config_checks", "dgan.config", "dgan.checkpoint", "dgan.resume_state", "dgan.lr_schedule", "dgan.adv_schedule", "dgan.targets", "dgan.data*", "dgan.metrics*"},  # state, data
+    {"dgan.config_checks", "dgan.config", "dgan.checkpoint", "dgan.resume_state", "dgan.lr_schedule", "dgan.adv_schedule", "dgan.data*", "dgan.metrics*"},  # state, data
     {"dgan.rundir", "dgan.generation", "dgan.reference", "dgan.scoring", "dgan.audit", "dgan.html_report", "dgan.report", "dgan.masks", "dgan.step"},                 # shared logic
     {"dgan.dguard", "dgan.inpaint", "dgan.superres"},                                                 # tasks
     {"dgan.evaluate", "dgan.visualize", "dgan.compare", "dgan.monitor"},                              # CLIs, the run's reports

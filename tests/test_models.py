@@ -317,28 +317,6 @@ def test_norm_conditioning_is_zero_init_and_reaches_every_norm() -> None:
     assert (deepest[0] - deepest[1]).abs().max() > 1e-4  # the encoder already depends on t
 
 
-def test_step_size_conditioning_is_zero_init_then_changes_the_output() -> None:
-    """model.step_size_conditioning: a new G ignores the step size exactly (and loads into the G
-    without it); once the zero-init embedding has learnt, the same (x_t, t) gives another output."""
-    torch.manual_seed(0)
-    g = small_generator(step_size_conditioning=True).eval()
-    plain = small_generator().eval()
-    plain.load_state_dict({k: v for k, v in g.state_dict().items() if not k.startswith("step_embed")})
-    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 900])
-    small, large = torch.zeros(2), torch.ones(2)
-    with torch.no_grad():
-        torch.testing.assert_close(g(x, t, None, None, large), plain(x, t))
-        torch.testing.assert_close(g(x, t), plain(x, t))  # no step size: a vanishing step
-    g.train()
-    perturb(g.film)  # the zero-init FiLM passes no gradient to any embedding before G's first step
-    g(x, t, None, None, large).square().mean().backward()
-    assert all(_nonzero_grad(p) for p in g.step_embed.mlp[-1].parameters())
-    perturb(g.step_embed)
-    g.eval()
-    with torch.no_grad():
-        assert (g(x, t, None, None, large) - g(x, t, None, None, small)).abs().max() > 1e-4
-
-
 def test_group_count_keeps_four_channels_per_group() -> None:
     from dgan.models.adanorm import num_groups
 

@@ -27,7 +27,7 @@ def test_sample_t_min_is_the_grids_floor(spacing):
         assert d.timesteps_for(50).tolist()[-8:] == [25, 19, 14, 13, 12, 11, 10, 9]
         assert free.timesteps_for(50).tolist()[-6:] == [13, 9, 5, 3, 1, 0]
     seen = []
-    d.ddim_sample(lambda x, t, _s: seen.append(int(t[0])) or torch.zeros_like(x), (1, 1, 4, 4), steps=50)
+    d.ddim_sample(lambda x, t: seen.append(int(t[0])) or torch.zeros_like(x), (1, 1, 4, 4), steps=50)
     assert min(seen) == 9 and len(seen) == 50
     with pytest.raises(ConfigError, match="diffusion.sample_t_min"):
         load_config(None, ["diffusion.sample_t_min=1000"])

@@ -184,32 +184,6 @@ def test_self_sampled_fakes_come_from_gs_own_chain_and_train_g_through_their_las
     assert any(v.abs().max() > 0 for v in grads(tr.D_raw).values())
 
 
-def test_shortcut_rows_learn_gs_own_two_half_steps(tiny_overrides):
-    """diffusion.shortcut_fraction: the batch's last rows take a step of a DDIM grid, G's own two half
-    steps (no grad) for their target and that step's size; the other rows and the fakes get size 0."""
-    cfg, tr = make(tiny_overrides, "gan.fakes=samples", "gan.self_fakes=2", "gan.self_fake_steps=4",
-                   "model.step_size_conditioning=true", "diffusion.shortcut_fraction=0.5")
-    x0, y = batch()
-    B, calls = x0.shape[0], []
-    real_forward = tr.G_raw.forward
-
-    def spy(x, t, y, cond, step_size):
-        calls.append((t.clone(), step_size.clone(), torch.is_grad_enabled()))
-        return real_forward(x, t, y, cond, step_size)
-
-    tr.G_raw.forward = spy
-    torch.manual_seed(7)
-    micro_step(tr, cfg, x0, y, do_r1=False, sync=True, loss_scale=1.0)
-    (t1, c1, g1), (t2, c2, g2), (t_train, sizes, grad) = calls[0], calls[1], calls[-1]
-    n = B // 2
-    assert len(t1) == len(t2) == n and not g1 and not g2 and grad
-    assert torch.all(t2 < t1)                      # the second half step starts lower
-    assert sizes.shape == (B + 2,) and torch.all(sizes[:n] == 0) and torch.all(sizes[B:] == 0)
-    assert torch.equal(t_train[n:B], t1)           # the shortcut rows are diffused at the step's start
-    assert torch.all((sizes[n:B] > c1) & (sizes[n:B] <= 1))  # a whole step is larger than its first half
-    assert torch.all((c1 > 0) & (c2 > 0))          # the half steps use G's own shortcut for their size
-
-
 def test_self_fakes_zero_makes_one_fake_per_eight_images(tiny_overrides):
     # The default (0): the seed setup's batch of 8 gets 1 fake, not 8 that would double G's rows
     for n, k in ((4, 1), (16, 2)):

@@ -14,9 +14,6 @@ from dgan.models.adanorm import NormCondition, batchnorm_to_groupnorm, num_group
 from dgan.models.embeddings import ClassEmbedding, TimeEmbedding
 
 
-_STEP_SIZE_SCALE = 1000.0
-
-
 class EncoderWeightsError(DganError, RuntimeError):
     """Pretrained encoder weights could not be obtained or do not fit the encoder."""
 
@@ -185,9 +182,6 @@ class Generator(nn.Module):
       that the decoder consumes (stages 1..encoder_depth). Stage 0 is the raw input, which
       smp's UNet++ decoder discards, so it gets no FiLM.
 
-    - ``step_size_conditioning``: also the size of the DDIM step about to be made
-      (``_build_step_embed``), which the shortcut rows of training teach it (dgan/targets.py).
-
     Encoder weights: ``encoder_weights="imagenet"`` downloads through the Hugging
     Face hub and raises :class:`EncoderWeightsError` when that is impossible.
     ``encoder_weights_path`` (takes precedence) loads a local encoder state_dict
@@ -209,7 +203,6 @@ class Generator(nn.Module):
         cond_channels: int = 0,
         norm: str = "group",
         norm_conditioning: bool = False,
-        step_size_conditioning: bool = False,
     ) -> None:
         super().__init__()
         if norm not in ("group", "batch"):
@@ -235,8 +228,6 @@ class Generator(nn.Module):
             load_encoder_weights(self.unet.encoder, encoder_weights_path, encoder)
         self.frozen_encoder_params = _freeze_unused_params(self.unet.encoder, self.image_multiple)
         self.time_embed = TimeEmbedding(time_dim)
-        self.step_size_conditioning = step_size_conditioning
-        self.step_embed = self._build_step_embed(time_dim) if step_size_conditioning else None
         self.class_embed = ClassEmbedding(num_classes, time_dim) if num_classes > 0 else None
         self.film = self._build_film(self.unet.encoder.out_channels, time_dim)
         self.norm_proj = None
@@ -259,17 +250,7 @@ class Generator(nn.Module):
                    encoder_weights_path=m.encoder_weights_path if encoder_weights else None,
                    encoder_depth=m.encoder_depth, decoder_channels=tuple(m.decoder_channels),
                    num_classes=m.num_classes, time_dim=m.time_dim, cond_channels=m.cond_channels,
-                   norm=m.norm, norm_conditioning=m.norm_conditioning,
-                   step_size_conditioning=m.step_size_conditioning)
-
-    @staticmethod
-    def _build_step_embed(time_dim: int) -> TimeEmbedding:
-        """The step size (schedules.jump_size, in [0, 1]) as a second embedding added to t's. Its last
-        layer is zero-initialised, so a new G is the G without it until the shortcut rows teach it."""
-        embed = TimeEmbedding(time_dim)
-        nn.init.zeros_(embed.mlp[-1].weight)
-        nn.init.zeros_(embed.mlp[-1].bias)
-        return embed
+                   norm=m.norm, norm_conditioning=m.norm_conditioning)
 
     @staticmethod
     def _build_film(stage_channels: Sequence[int], time_dim: int) -> nn.ModuleDict:
@@ -300,15 +281,9 @@ class Generator(nn.Module):
                 f"(2**encoder_depth, encoder_depth={self.encoder_depth})"
             )
 
-    def embed(self, t: Tensor, y: Tensor | None, step_size: Tensor | None = None) -> Tensor:
-        """Joint (t, y[, step size]) embedding [B, time_dim]; y=None means the null label, step_size=None
-        a vanishing step (the posterior mean)."""
+    def embed(self, t: Tensor, y: Tensor | None) -> Tensor:
+        """Joint (t, y) embedding [B, time_dim]; y=None means the null label."""
         emb = self.time_embed(t)
-        if self.step_embed is not None:
-            if step_size is None:
-                step_size = torch.zeros(t.shape, device=t.device)
-            # x1000: the sinusoid's frequencies are laid out for t in 0..T-1
-            emb = emb + self.step_embed(step_size.float() * _STEP_SIZE_SCALE)
         if self.class_embed is not None:
             if y is None:
                 y = self.class_embed.null_labels(t.shape[0], t.device)
@@ -318,8 +293,7 @@ class Generator(nn.Module):
         return emb
 
     def forward(
-        self, x_t: Tensor, t: Tensor, y: Tensor | None = None, cond: Tensor | None = None,
-        step_size: Tensor | None = None,
+        self, x_t: Tensor, t: Tensor, y: Tensor | None = None, cond: Tensor | None = None
     ) -> Tensor:
         if t.dim() == 0:
             t = t.expand(x_t.shape[0])
@@ -331,7 +305,7 @@ class Generator(nn.Module):
             raise ValueError("cond given but the generator was built with cond_channels=0")
         # SiLU first: the embedding ends in a Linear, and FiLM of a purely
         # linear function of the embedding would waste the MLP's capacity
-        act = nn.functional.silu(self.embed(t, y, step_size))
+        act = nn.functional.silu(self.embed(t, y))
         if self.norm_proj is None:
             return self._unet_forward(x_t, act)
         self.norm_condition.mod = self.norm_proj(act)
