@@ -115,6 +115,14 @@ def test_trained_model_beats_bicubic(sr_run, tmp_path):
     assert "sr_psnr" in r.stdout and "bicubic_psnr" in r.stdout  # the console table
     assert m["sr_psnr"] > m["bicubic_psnr"] + 0.5, m
     assert m["sr_ssim"] > m["bicubic_ssim"], m
+    # --eta reaches the SR sampler (DDIM's fresh noise changes the images) and the report
+    noisy = tmp_path / "eta.json"
+    r = run_cli([sys.executable, "-m", "dgan.evaluate", "--task", "sr", "--run", str(run), "--task-images", "64",
+                 "--steps", "10", "--eta", "1", "--no-mlflow", "--out", str(noisy)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    eta_report = json.loads(noisy.read_text())
+    assert eta_report["eta"] == 1.0 and eta_report["metrics"]["sr_psnr"] != m["sr_psnr"]
+    assert eta_report["metrics"]["bicubic_psnr"] == m["bicubic_psnr"]  # the same HR images and LR
 
 
 def test_training_shows_lr_sr_hr_and_evaluates_sr_periodically(sr_run):
