@@ -171,7 +171,8 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
     # Rank 0 decides: a checkpoint written meanwhile must not make ranks evaluate different files.
     # Its rank-0-only work goes through dist.on_main, so a failure there stops every rank.
     ckpt, run_dir = dist.on_main(lambda: find_checkpoint(args.run, args.checkpoint, args.root))
-    G, cfg, diffusion, _ = load_generator(ckpt, device, sampler_floor(args.sampler, args.t_min))
+    G, cfg, diffusion, _ = load_generator(ckpt, device, sampler_floor(args.sampler, args.t_min),
+                                          (args.sampler, args.steps, args.eta))
     if args.report and cfg.model.num_classes < 2 and "utility" in chosen:
         chosen.remove("utility")  # --report asks for everything that applies; utility needs classes
         dist.print0("dgan.evaluate: --report: no utility score, the model is unconditional")

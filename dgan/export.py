@@ -166,7 +166,7 @@ def export(args: argparse.Namespace, device: torch.device) -> dict:
     from dgan.data.shards import write_shards  # webdataset/cv2: slow to import
 
     out = Path(args.out)
-    G, cfg, diffusion, _ = load_generator(args.checkpoint, device)
+    G, cfg, diffusion, _ = load_generator(args.checkpoint, device, sampling=(args.sampler, args.steps, 0.0))
     if args.sampler != "ddpm" and args.steps > diffusion.num_steps:
         raise UsageError(f"--steps {args.steps}: the model has T={diffusion.num_steps}; use 1..{diffusion.num_steps}")
     if cfg.model.task == "sr":

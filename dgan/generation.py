@@ -121,11 +121,30 @@ def sampler_floor(sampler: str, t_min: Optional[int]) -> Optional[int]:
     return t_min
 
 
-def load_generator(checkpoint: str | Path, device: torch.device, t_min: Optional[int] = None
-                   ) -> tuple[torch.nn.Module, Config, Diffusion, dict]:
+def check_student(checkpoint: str | Path, meta: dict, sampling: tuple[str, int, float], t_min: Optional[int]) -> None:
+    """A distilled student (dgan.distill) learnt one sampler, step count and grid; `sampling` (sampler,
+    steps, eta) and --t-min must be those. Why refuse, not warn: any other way of sampling it gives
+    images worse than its teacher's, silently, since its x0 is no longer the posterior mean."""
+    student = meta.get("student")
+    if student is None:
+        return
+    n, teacher = student["steps"], student["teacher"]
+    if tuple(sampling) != ("ddim", n, 0.0):
+        raise UsageError(f"{checkpoint} is a DDIM-{n} student (dgan.distill): sample it with --sampler ddim "
+                         f"--steps {n} and no --eta, or sample its teacher {teacher} any other way")
+    if t_min is not None and t_min != student["t_min"]:
+        raise UsageError(f"--t-min {t_min}: {checkpoint} learnt the DDIM-{n} grid down to t = {student['t_min']}; "
+                         "drop --t-min")
+
+
+def load_generator(checkpoint: str | Path, device: torch.device, t_min: Optional[int] = None,
+                   sampling: Optional[tuple[str, int, float]] = None) -> tuple[torch.nn.Module, Config, Diffusion, dict]:
     """The EMA generator of a checkpoint, built from the config stored in it; `t_min` (the CLIs' --t-min)
-    replaces its diffusion.sample_t_min, the samplers' lowest timestep."""
+    replaces its diffusion.sample_t_min, the samplers' lowest timestep. `sampling`: (sampler, steps,
+    eta) the caller will use, checked against a distilled student's (check_student)."""
     payload = load_checkpoint(checkpoint, map_location="cpu")
+    if sampling is not None:
+        check_student(checkpoint, payload["metadata"], sampling, t_min)
     cfg = config_from_dict(payload["metadata"]["config"])
     G = Generator.from_config(cfg.model, encoder_weights=False)  # the checkpoint's weights replace them
     ema = payload["state"]["ema"]
@@ -145,11 +164,13 @@ def load_generator(checkpoint: str | Path, device: torch.device, t_min: Optional
 
 
 
-def initial_noise(indices: Sequence[int], seed: int, shape: Sequence[int]) -> torch.Tensor:
-    """x_T for the given sample indices, on the CPU: sample i's noise depends on (seed, i) only."""
+def initial_noise(indices: Sequence[int], seed: int, shape: Sequence[int],
+                  stream: Stream = Stream.INITIAL_NOISE) -> torch.Tensor:
+    """x_T for the given sample indices, on the CPU: sample i's noise depends on (seed, i) only
+    (`stream`: another set of noises, e.g. distillation's, which no sample index can draw)."""
     out = torch.empty((len(indices), *shape))
     for row, index in enumerate(indices):
-        gen = stream_generator(None, seed, Stream.INITIAL_NOISE, index)
+        gen = stream_generator(None, seed, stream, index)
         out[row] = torch.randn(tuple(shape), generator=gen)
     return out
 

@@ -25,6 +25,8 @@ class Stream(IntEnum):
     MASK = 11           # inpainting masks
     INPAINT_NOISE = 12  # RePaint's noise
     D_NOISE = 13        # a training micro-batch's draws for the adversarial side (step.adv_draws)
+    DISTILL_NOISE = 14  # x_T of a distillation teacher's trajectory i: never a sample's (distill)
+    DISTILL_BATCH = 15  # which trajectory steps a distillation batch learns (distill)
 
 
 def derive_seed(*parts: int) -> int:

@@ -44,7 +44,7 @@ LAYERS = [
     {"dgan.rundir", "dgan.generation", "dgan.reference", "dgan.scoring", "dgan.audit", "dgan.html_report", "dgan.report", "dgan.masks", "dgan.step"},                 # shared logic
     {"dgan.dguard", "dgan.inpaint", "dgan.superres"},                                                 # tasks
     {"dgan.evaluate", "dgan.visualize", "dgan.compare", "dgan.monitor"},                              # CLIs, the run's reports
-    {"dgan.sample", "dgan.export", "dgan.trainer", "dgan.train"},                                                    # the trainer, top CLIs
+    {"dgan.sample", "dgan.export", "dgan.distill", "dgan.trainer", "dgan.train"},                                                  # the trainer, top CLIs
 ]
 
 

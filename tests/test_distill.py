@@ -1,0 +1,85 @@
+"""python -m dgan.distill (issue 10): the step targets, the student checkpoint and the CLIs that read it.
+
+That the student learns is a learning test in test_learning.py (it shares that module's trained G).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+
+import pytest
+import torch
+
+from cli_helpers import run_cli, tiny_run
+from dgan.checkpoint import load_checkpoint
+from dgan.diffusion import Diffusion
+from dgan.distill import nested_grid, step_targets
+from dgan.errors import UsageError
+from dgan.generation import check_student
+
+
+def test_one_ddim_step_to_the_target_lands_on_the_teachers_next_point():
+    diffusion = Diffusion(num_steps=1000, spacing="quadratic")
+    _, grid = nested_grid(diffusion, 50, 10)
+    states = torch.randn(3, len(grid) + 1, 1, 8, 8, dtype=torch.float64).float()
+    for k in range(len(grid)):
+        rows, ks = torch.arange(3), torch.full((3,), k)
+        x, t, target, weight = step_targets(diffusion, states, grid, rows, ks)
+        t_next = grid[k + 1] if k + 1 < len(grid) else None
+        abar = diffusion.abar_at(grid[k])
+        eps = (x - math.sqrt(abar) * target) / math.sqrt(1 - abar)  # the eps DDIM derives from x0 (denoise)
+        landed = diffusion.ddim_step(target, eps, grid[k], t_next)
+        assert torch.allclose(landed, states[:, k + 1], atol=2e-3), k
+        assert (t == grid[k]).all() and torch.allclose(weight.flatten(), torch.full((3,), 1 / (1 - abar)))
+
+
+def test_the_grids_must_nest():
+    diffusion = Diffusion(num_steps=1000, spacing="quadratic")
+    fine, coarse = nested_grid(diffusion, 50, 10)
+    assert coarse == [999, 809, 639, 489, 359, 249, 159, 89, 39, 9] and set(coarse) <= set(fine)
+    with pytest.raises(UsageError, match="multiple of --steps"):
+        nested_grid(diffusion, 35, 10)
+
+
+def test_a_student_is_sampled_only_the_way_it_learnt():
+    meta = {"student": {"steps": 10, "t_min": 0, "teacher": "ckpt-best.pt"}}
+    check_student("s.pt", meta, ("ddim", 10, 0.0), None)
+    check_student("s.pt", meta, ("ddim", 10, 0.0), 0)
+    check_student("t.pt", {}, ("dpmpp2m", 20, 0.0), 9)  # a teacher: anything goes
+    for sampling, t_min in ((("ddim", 50, 0.0), None), (("dpmpp2m", 10, 0.0), None), (("ddim", 10, 0.5), None),
+                            (("ddim", 10, 0.0), 9)):
+        with pytest.raises(UsageError, match="student|--t-min"):
+            check_student("s.pt", meta, sampling, t_min)
+
+
+@pytest.mark.slow
+def test_cli_writes_a_student_that_the_sample_cli_reads(tmp_path_factory, tmp_path):
+    run = tiny_run(tmp_path_factory.getbasetemp() / "dgan-tiny-run")
+    teacher = sorted((run / "checkpoints").glob("ckpt-0*.pt"))[-1]
+    out = tmp_path / "student.pt"
+    cmd = [sys.executable, "-m", "dgan.distill", "--checkpoint", str(teacher), "--steps", "4", "--teacher-steps", "20",
+           "--trajectories", "16", "--held-out", "8", "--iters", "5", "--batch-size", "4", "--out", str(out)]
+    done = run_cli(cmd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RMS grey levels: teacher" in done.stdout and "wrote" in done.stdout
+    meta = load_checkpoint(out)["metadata"]
+    assert meta["student"]["steps"] == 4 and meta["student"]["teacher_steps"] == 20
+    assert meta["student"]["teacher_sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert meta["config"] == load_checkpoint(teacher)["metadata"]["config"]
+
+    before = out.read_bytes()
+    again = run_cli(cmd)  # nothing already saved is overwritten
+    assert again.returncode == 2 and "exists" in again.stderr and out.read_bytes() == before
+    twice = run_cli([*cmd[:4], str(out), "--out", str(tmp_path / "s2.pt")])
+    assert twice.returncode == 2 and "already a student" in twice.stderr
+    bad = run_cli([*cmd[:-2], "--teacher-steps", "7", "--out", str(tmp_path / "s3.pt")])
+    assert bad.returncode == 2 and "multiple of --steps" in bad.stderr and not (tmp_path / "s3.pt").exists()
+
+    sample = [sys.executable, "-m", "dgan.sample", "--checkpoint", str(out), "--n", "4", "--sampler", "ddim"]
+    ok = run_cli([*sample, "--steps", "4", "--out", str(tmp_path / "s")])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert len(list((tmp_path / "s").glob("0*.png"))) == 4
+    wrong = run_cli([*sample, "--steps", "50", "--out", str(tmp_path / "w")])
+    assert wrong.returncode == 2 and "DDIM-4 student" in wrong.stderr and not (tmp_path / "w").exists()
+    assert len(wrong.stderr.strip().splitlines()) == 1
