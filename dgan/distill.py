@@ -20,6 +20,8 @@ as they are. One round from the many-step teacher, in the spirit of progressive 
 The student is a checkpoint like any other (`dgan.sample`, `dgan.evaluate --fid`, `dgan.export`
 read it), holding only EMA weights (it cannot resume training). Its metadata's `student` records
 the grid it learnt, and those CLIs refuse any other sampler, step count, eta or --t-min for it.
+Score its samples (`dgan.evaluate --fid --steps 10`): its PSNR/SSIM reconstructions measure a one-step
+x0 that is no longer the posterior mean, so they say nothing about it.
 It prints the student's and the teacher's distance from the teacher's many-step samples on
 --held-out more trajectories, so a student that did not learn is visible at once. Single process:
 on a GPU the default takes about a minute; on 2 CPU cores about 7 minutes. An existing --out is
@@ -40,6 +42,7 @@ import torch
 from dgan.atomic import torch_save_atomic
 from dgan.checkpoint import SCHEMA_VERSION, load_checkpoint
 from dgan.config import positive_int_arg
+from dgan.ema import EMA
 from dgan.errors import DganError, UsageError, report
 from dgan.generation import guided_model_fn, initial_noise, load_generator
 from dgan.rundir import output_dir
@@ -111,7 +114,9 @@ def train_student(G, diffusion, states: torch.Tensor, grid: list[int], *, iters:
     The loss is summed on the device and read once per 100 steps (no host sync in the step)."""
     device = next(G.parameters()).device
     student = copy.deepcopy(G).train().requires_grad_(True)
-    ema = torch.optim.swa_utils.AveragedModel(student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
+    # dgan's EMA (no host sync per update), its half-life in images set to give `ema_decay` per step
+    halflife_kimg = 0.0 if ema_decay == 0 else batch * math.log(0.5) / math.log(ema_decay) / 1000
+    ema = EMA(student, halflife_kimg=halflife_kimg, rampup=None)
     opt = torch.optim.Adam(student.parameters(), lr=lr, betas=(0.9, 0.99))
     # a short warm-up, then cosine to zero, so the student ends where its last steps settled
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -128,14 +133,14 @@ def train_student(G, diffusion, states: torch.Tensor, grid: list[int], *, iters:
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema.update_parameters(student)
+        ema.update(student, images_seen=(i + 1) * batch, batch_images=batch)
         total += loss.detach()
         if (i + 1) % 100 == 0 or i + 1 == iters:
             done = (i % 100) + 1
             log(f"dgan.distill: step {i + 1}/{iters} loss {float(total) / done:.5f} "
                 f"{(i + 1) * batch / (time.perf_counter() - clock):.0f} img/s")
             total.zero_()
-    return ema.module.eval().requires_grad_(False)
+    return ema.module.eval()
 
 
 @torch.no_grad()
