@@ -37,6 +37,8 @@ def main(argv=None) -> None:
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     a = p.parse_args(argv)
+    if a.student == a.arms or (a.out / f"{a.student}.pt").exists():
+        raise SystemExit(f"--student {a.student}: {a.out / (a.student + '.pt')} exists or is the teacher; pick a new name")
     args = quality_folder.folder_args(a)
     G, diffusion, _ = quality.load_arm(args, a.out, a.arms)
     n = a.trajectories + a.held_out

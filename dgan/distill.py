@@ -1,15 +1,15 @@
 """python -m dgan.distill: a few-step DDIM student distilled from a checkpoint's own many-step DDIM.
 
     python -m dgan.distill --checkpoint runs/<run>/checkpoints/ckpt-best.pt [--steps 10 --teacher-steps 50]
-    python -m dgan.sample --checkpoint runs/<run>/student-ddim10.pt --sampler ddim --steps 10
+    python -m dgan.sample --checkpoint runs/<run>/student-ddim10/student.pt --sampler ddim --steps 10
 
 The teacher (the checkpoint's EMA G) runs DDIM on its --teacher-steps grid from --trajectories
 noises of their own seeded stream (never a sample's noise), keeping x at every point of the --steps
 grid, which lies inside it (the grids nest when --teacher-steps is a multiple of --steps). The
 student starts as the teacher and learns, for each pair of neighbouring points (t, s) of the
 --steps grid, the x0 whose single DDIM step t -> s lands where the teacher's steps between them
-land: its 10 steps then retrace the teacher's 50. The loss is the training loss's weighting
-(v-space MSE, 1 / (1 - alpha_bar_t) in x0 space), under the run's train.precision.
+land: its 10 steps then retrace the teacher's 50. The loss weights the x0 error by 1 / (1 - alpha_bar_t),
+v-prediction's own weighting (whatever the run's prediction), under the run's train.precision.
 
 Why a separate student: every lever that taught G itself to take large DDIM steps (a stronger
 adversarial push, a G told the step size, shortcut targets) made its many-step samplers worse
@@ -45,7 +45,7 @@ from dgan.config import positive_int_arg
 from dgan.ema import EMA
 from dgan.errors import DganError, UsageError, report
 from dgan.generation import guided_model_fn, initial_noise, load_generator
-from dgan.rundir import output_dir
+from dgan.rundir import home_of, output_dir
 from dgan.runinfo import file_sha256
 from dgan.seeding import Stream, stream_generator
 from dgan.step import autocast_for
@@ -53,10 +53,15 @@ from dgan.step import autocast_for
 
 def nested_grid(diffusion, teacher_steps: int, steps: int) -> tuple[list[int], list[int]]:
     """(the teacher's grid, the student's), checked to nest: every student timestep is a teacher's."""
+    if not 1 <= steps < teacher_steps <= diffusion.num_steps:
+        raise UsageError(f"--steps {steps} and --teacher-steps {teacher_steps}: need 1 <= --steps < --teacher-steps "
+                         f"<= T = {diffusion.num_steps}")
     fine, coarse = diffusion.timesteps_for(teacher_steps).tolist(), diffusion.timesteps_for(steps).tolist()
     if not set(coarse) <= set(fine):
-        raise UsageError(f"--steps {steps} and --teacher-steps {teacher_steps}: the {steps}-step grid is not inside "
-                         f"the {teacher_steps}-step one; make --teacher-steps a multiple of --steps")
+        fix = ("make --teacher-steps a multiple of --steps" if diffusion.spacing == "quadratic" else
+               "on the uniform grid, make --teacher-steps - 1 a multiple of --steps - 1")
+        raise UsageError(f"--steps {steps} and --teacher-steps {teacher_steps}: the {steps}-step "
+                         f"{diffusion.spacing} grid is not inside the {teacher_steps}-step one; {fix}")
     return fine, coarse
 
 
@@ -90,7 +95,7 @@ def teacher_set(G, diffusion, indices: range, seed: int, teacher_steps: int, ste
 def step_targets(diffusion, states: torch.Tensor, grid: list[int], rows: torch.Tensor, k: torch.Tensor):
     """(x_t, t, x0 target, loss weight) of trajectory steps (rows, k): the x0 whose DDIM step grid[k] ->
     grid[k + 1] (clean data after the last) from states[rows, k] lands on states[rows, k + 1]."""
-    abar = torch.tensor([diffusion.abar_at(t) for t in grid] + [1.0], dtype=torch.float64)
+    abar = torch.tensor([diffusion.abar_at(t) for t in grid] + [1.0], dtype=torch.float64, device=states.device)
     a, a_next = abar[k], abar[k + 1]
     # DDIM (eta 0): x_s = sqrt(a_s) x0 + c (x_t - sqrt(a_t) x0), c = sqrt((1 - a_s) / (1 - a_t)); solved for x0
     c = ((1 - a_next) / (1 - a)).sqrt()
@@ -98,7 +103,7 @@ def step_targets(diffusion, states: torch.Tensor, grid: list[int], rows: torch.T
     view = (-1,) + (1,) * (states.dim() - 2)
     x, x_next = states[rows, k], states[rows, k + 1]
     target = (x_next - c.float().view(view) * x) / den.float().view(view)
-    return x, torch.tensor(grid)[k], target, (1.0 / (1 - a)).float().view(view)
+    return x, torch.tensor(grid, device=states.device)[k], target, (1.0 / (1 - a)).float().view(view)
 
 
 def distill_loss(student, diffusion, batch, precision: str) -> torch.Tensor:
@@ -118,16 +123,18 @@ def train_student(G, diffusion, states: torch.Tensor, grid: list[int], *, iters:
     halflife_kimg = 0.0 if ema_decay == 0 else batch * math.log(0.5) / math.log(ema_decay) / 1000
     ema = EMA(student, halflife_kimg=halflife_kimg, rampup=None)
     opt = torch.optim.Adam(student.parameters(), lr=lr, betas=(0.9, 0.99))
-    # a short warm-up, then cosine to zero, so the student ends where its last steps settled
+    # a short warm-up, then cosine to zero, so the student ends where its last steps settled (not
+    # lr_schedule.lr_factor: here the cosine runs from step 0 under the warm-up, as the students in
+    # RESULTS.md were trained)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * i / iters)))
-    gen, clock = stream_generator(None, seed, Stream.DISTILL_BATCH), time.perf_counter()
+    # the trajectories and the draws live on the device: no host-to-device copy in the step
+    states, gen, clock = states.to(device), stream_generator(device, seed, Stream.DISTILL_BATCH), time.perf_counter()
     total = torch.zeros((), device=device)
     for i in range(iters):
-        rows = torch.randint(states.shape[0], (batch,), generator=gen)
-        k = torch.randint(len(grid), (batch,), generator=gen)
-        loss = distill_loss(student, diffusion, [v.to(device) for v in step_targets(diffusion, states, grid, rows, k)],
-                            precision)
+        rows = torch.randint(states.shape[0], (batch,), generator=gen, device=device)
+        k = torch.randint(len(grid), (batch,), generator=gen, device=device)
+        loss = distill_loss(student, diffusion, step_targets(diffusion, states, grid, rows, k), precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -165,7 +172,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dgan.distill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the teacher: a checkpoint written by dgan.train")
-    p.add_argument("--out", default=None, help="the student's file (default: <run>/student-ddim<steps>.pt)")
+    p.add_argument("--out", default=None, help="the student's file, in a folder of its own (default: "
+                   "<run>/student-ddim<steps>/student.pt): its samples and evaluations go beside it")
     p.add_argument("--steps", type=positive_int_arg, default=10, help="the student's DDIM steps")
     p.add_argument("--teacher-steps", type=positive_int_arg, default=50,
                    help="the teacher's DDIM steps, a multiple of --steps")
@@ -185,16 +193,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def distill(args: argparse.Namespace, device: torch.device, log=print) -> Path:
-    G, cfg, diffusion, meta = load_generator(args.checkpoint, device)
-    if "student" in meta:
-        raise UsageError(f"--checkpoint {args.checkpoint} is already a student; distil its teacher "
-                         f"{meta['student']['teacher']} instead")
+    teacher_sha256 = file_sha256(args.checkpoint)  # before loading: ckpt-best.pt may be replaced meanwhile
+    G, cfg, diffusion, meta = load_generator(args.checkpoint, device)  # a student refuses (check_student)
     if cfg.model.num_classes > 0 or cfg.model.task != "generate":
         raise UsageError(f"--checkpoint {args.checkpoint}: only unconditional noise-to-image models can be distilled "
                          f"(this one has num_classes={cfg.model.num_classes}, task={cfg.model.task})")
-    out = Path(args.out or output_dir(args.checkpoint, f"student-ddim{args.steps}.pt"))
+    out = Path(args.out or output_dir(args.checkpoint, f"student-ddim{args.steps}") / "student.pt")
     if out.exists():
         raise UsageError(f"--out {out} exists; choose another path (nothing is overwritten)")
+    if home_of(out) == home_of(args.checkpoint):  # the student's samples and evaluations would overwrite the teacher's
+        raise UsageError(f"--out {out}: a student in its teacher's folder would write its samples and evaluations "
+                         f"over the teacher's; put it in a folder of its own, e.g. {home_of(out) / 'student' / out.name}")
     _, grid = nested_grid(diffusion, args.teacher_steps, args.steps)
     precision = "bf16" if cfg.train.precision == "bf16" else "fp32"  # fp16 would need a grad scaler here
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
@@ -211,7 +220,7 @@ def distill(args: argparse.Namespace, device: torch.device, log=print) -> Path:
     log(f"dgan.distill: DDIM {args.steps} against the teacher's DDIM {args.teacher_steps} on {len(held)} held-out "
         f"noises, RMS grey levels: teacher {before:.2f}, student {after:.2f}")
     record = {"sampler": "ddim", "steps": args.steps, "t_min": diffusion.t_min, "spacing": diffusion.spacing,
-              "teacher": str(Path(args.checkpoint).resolve()), "teacher_sha256": file_sha256(args.checkpoint),
+              "teacher": str(Path(args.checkpoint).resolve()), "teacher_sha256": teacher_sha256,
               "teacher_steps": args.teacher_steps, "trajectories": args.trajectories, "iters": args.iters,
               "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema, "seed": args.seed,
               "precision": precision, "gap_teacher_grey": before, "gap_student_grey": after,

@@ -171,8 +171,9 @@ def _evaluate_cli(args: argparse.Namespace, chosen: list[str], device: torch.dev
     # Rank 0 decides: a checkpoint written meanwhile must not make ranks evaluate different files.
     # Its rank-0-only work goes through dist.on_main, so a failure there stops every rank.
     ckpt, run_dir = dist.on_main(lambda: find_checkpoint(args.run, args.checkpoint, args.root))
+    plain = args.task == "generate" and not {"psnr", "ssim"} & set(chosen)  # samples from noise alone
     G, cfg, diffusion, _ = load_generator(ckpt, device, sampler_floor(args.sampler, args.t_min),
-                                          (args.sampler, args.steps, args.eta))
+                                          (args.sampler, args.steps, args.eta) if plain else None)
     if args.report and cfg.model.num_classes < 2 and "utility" in chosen:
         chosen.remove("utility")  # --report asks for everything that applies; utility needs classes
         dist.print0("dgan.evaluate: --report: no utility score, the model is unconditional")

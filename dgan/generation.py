@@ -121,19 +121,25 @@ def sampler_floor(sampler: str, t_min: Optional[int]) -> Optional[int]:
     return t_min
 
 
-def check_student(checkpoint: str | Path, meta: dict, sampling: tuple[str, int, float], t_min: Optional[int]) -> None:
+def check_student(checkpoint: str | Path, meta: dict, sampling: Optional[tuple[str, int, float]],
+                  t_min: Optional[int]) -> None:
     """A distilled student (dgan.distill) learnt one sampler, step count and grid; `sampling` (sampler,
-    steps, eta) and --t-min must be those. Why refuse, not warn: any other way of sampling it gives
-    images worse than its teacher's, silently, since its x0 is no longer the posterior mean."""
+    steps, eta) and --t-min must be those. None: any other use of G (inpainting, reconstructions,
+    pictures, training on). Why refuse, not warn: used any other way it does worse than its teacher,
+    silently, since its x0 is no longer the posterior mean."""
     student = meta.get("student")
     if student is None:
         return
-    n, teacher = student["steps"], student["teacher"]
+    n, teacher = student.get("steps", "?"), student.get("teacher", "its teacher")
+    if sampling is None:
+        raise UsageError(f"{checkpoint} is a DDIM-{n} student (dgan.distill): it only makes samples from noise with "
+                         f"--sampler ddim --steps {n} (dgan.sample, dgan.evaluate --fid/--kid, dgan.export); use its "
+                         f"teacher {teacher} for inpainting, PSNR/SSIM reconstructions and everything else")
     if tuple(sampling) != ("ddim", n, 0.0):
         raise UsageError(f"{checkpoint} is a DDIM-{n} student (dgan.distill): sample it with --sampler ddim "
                          f"--steps {n} and no --eta, or sample its teacher {teacher} any other way")
-    if t_min is not None and t_min != student["t_min"]:
-        raise UsageError(f"--t-min {t_min}: {checkpoint} learnt the DDIM-{n} grid down to t = {student['t_min']}; "
+    if t_min is not None and t_min != student.get("t_min"):
+        raise UsageError(f"--t-min {t_min}: {checkpoint} learnt the DDIM-{n} grid down to t = {student.get('t_min')}; "
                          "drop --t-min")
 
 
@@ -141,10 +147,10 @@ def load_generator(checkpoint: str | Path, device: torch.device, t_min: Optional
                    sampling: Optional[tuple[str, int, float]] = None) -> tuple[torch.nn.Module, Config, Diffusion, dict]:
     """The EMA generator of a checkpoint, built from the config stored in it; `t_min` (the CLIs' --t-min)
     replaces its diffusion.sample_t_min, the samplers' lowest timestep. `sampling`: (sampler, steps,
-    eta) the caller will use, checked against a distilled student's (check_student)."""
+    eta) the caller will sample with from noise, or None for any other use; a distilled student refuses
+    all but its own (check_student)."""
     payload = load_checkpoint(checkpoint, map_location="cpu")
-    if sampling is not None:
-        check_student(checkpoint, payload["metadata"], sampling, t_min)
+    check_student(checkpoint, payload["metadata"], sampling, t_min)
     cfg = config_from_dict(payload["metadata"]["config"])
     G = Generator.from_config(cfg.model, encoder_weights=False)  # the checkpoint's weights replace them
     ema = payload["state"]["ema"]

@@ -66,8 +66,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _sample_cli(args: argparse.Namespace, device: torch.device) -> int:
+    plain = args.inpaint is None and args.super_resolve is None  # from noise: all a distilled student can do
     G, cfg, diffusion, meta = load_generator(args.checkpoint, device, sampler_floor(args.sampler, args.t_min),
-                                             (args.sampler, args.steps, args.eta))
+                                             (args.sampler, args.steps, args.eta) if plain else None)
     if args.label is not None and not 0 <= args.label < max(cfg.model.num_classes, 1):
         raise UsageError(f"--class {args.label} but the model has num_classes={cfg.model.num_classes}")
     if args.sampler != "ddpm" and args.steps > diffusion.num_steps:

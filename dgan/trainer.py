@@ -244,6 +244,9 @@ class Trainer:
             raise  # from a newer dgan: falling back to an older checkpoint would lose work
         except CheckpointError as e:
             raise CheckpointError(f"{e}, or --resume auto to fall back to the newest valid one") from None
+        if "student" in payload["metadata"]:
+            raise CheckpointError(f"{path} is a dgan.distill student (weights only): it cannot resume training; "
+                                  f"resume its teacher's run, {payload['metadata']['student'].get('teacher')}")
         # A different SR scale is a different task even though the weights would load.
         keys = ARCH_KEYS + (["model.sr_scale"] if cfg.model.task == "sr" else [])
         run_config = home_of(path) / "config.yaml"  # still the run's own: nothing is written before this check

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import sys
 
 import pytest
@@ -47,9 +48,12 @@ def test_a_student_is_sampled_only_the_way_it_learnt():
     check_student("s.pt", meta, ("ddim", 10, 0.0), None)
     check_student("s.pt", meta, ("ddim", 10, 0.0), 0)
     check_student("t.pt", {}, ("dpmpp2m", 20, 0.0), 9)  # a teacher: anything goes
-    for sampling, t_min in ((("ddim", 50, 0.0), None), (("dpmpp2m", 10, 0.0), None), (("ddim", 10, 0.5), None),
-                            (("ddim", 10, 0.0), 9)):
-        with pytest.raises(UsageError, match="student|--t-min"):
+    for sampling, t_min, says in ((("ddim", 50, 0.0), None, "--sampler ddim --steps 10 and no --eta"),
+                                  (("dpmpp2m", 10, 0.0), None, "--sampler ddim --steps 10 and no --eta"),
+                                  (("ddim", 10, 0.5), None, "--sampler ddim --steps 10 and no --eta"),
+                                  (("ddim", 10, 0.0), 9, "--t-min 9: s.pt learnt the DDIM-10 grid down to t = 0"),
+                                  (None, None, "use its teacher ckpt-best.pt for inpainting")):
+        with pytest.raises(UsageError, match=re.escape(says)):
             check_student("s.pt", meta, sampling, t_min)
 
 
@@ -71,8 +75,10 @@ def test_cli_writes_a_student_that_the_sample_cli_reads(tmp_path_factory, tmp_pa
     before = out.read_bytes()
     again = run_cli(cmd)  # nothing already saved is overwritten
     assert again.returncode == 2 and "exists" in again.stderr and out.read_bytes() == before
-    twice = run_cli([*cmd[:4], str(out), "--out", str(tmp_path / "s2.pt")])
-    assert twice.returncode == 2 and "already a student" in twice.stderr
+    twice = run_cli([*cmd[:4], str(out), "--out", str(tmp_path / "s2" / "s.pt")])
+    assert twice.returncode == 2 and "is a DDIM-4 student" in twice.stderr
+    beside = run_cli([*cmd[:-2], "--out", str(run / "student.pt")])  # would write over the teacher's outputs
+    assert beside.returncode == 2 and "folder of its own" in beside.stderr and not (run / "student.pt").exists()
     bad = run_cli([*cmd[:-2], "--teacher-steps", "7", "--out", str(tmp_path / "s3.pt")])
     assert bad.returncode == 2 and "multiple of --steps" in bad.stderr and not (tmp_path / "s3.pt").exists()
 
@@ -83,3 +89,9 @@ def test_cli_writes_a_student_that_the_sample_cli_reads(tmp_path_factory, tmp_pa
     wrong = run_cli([*sample, "--steps", "50", "--out", str(tmp_path / "w")])
     assert wrong.returncode == 2 and "DDIM-4 student" in wrong.stderr and not (tmp_path / "w").exists()
     assert len(wrong.stderr.strip().splitlines()) == 1
+    # reconstructions and pictures use G as a one-step denoiser, which a student no longer is
+    recon = run_cli([sys.executable, "-m", "dgan.evaluate", "--checkpoint", str(out), "--psnr", "--steps", "4"])
+    assert recon.returncode == 2 and "PSNR/SSIM" in recon.stderr
+    pictures = run_cli([sys.executable, "-m", "dgan.visualize", "samplers", "--checkpoint", str(out),
+                        "--out", str(tmp_path / "v.png")])
+    assert pictures.returncode == 2 and "student" in pictures.stderr and not (tmp_path / "v.png").exists()
