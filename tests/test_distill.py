@@ -15,7 +15,7 @@ import torch
 from cli_helpers import run_cli, tiny_run
 from dgan.checkpoint import load_checkpoint
 from dgan.diffusion import Diffusion
-from dgan.distill import nested_grid, step_targets
+from dgan.distill import grid_states, nested_grid, step_targets
 from dgan.errors import UsageError
 from dgan.generation import check_student
 
@@ -95,3 +95,40 @@ def test_cli_writes_a_student_that_the_sample_cli_reads(tmp_path_factory, tmp_pa
     pictures = run_cli([sys.executable, "-m", "dgan.visualize", "samplers", "--checkpoint", str(out),
                         "--out", str(tmp_path / "v.png")])
     assert pictures.returncode == 2 and "student" in pictures.stderr and not (tmp_path / "v.png").exists()
+
+
+class _TanhDenoiser(torch.nn.Module):
+    """An eps-predicting stand-in for G whose x0 is tanh(2 x): a smooth teacher inside [-1, 1]."""
+
+    def __init__(self, diffusion: Diffusion) -> None:
+        super().__init__()
+        self.diffusion, self.unused = diffusion, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, y=None):
+        abar = self.diffusion.alpha_bar[t].view(-1, 1, 1, 1).to(x.dtype)
+        return (x - abar.sqrt() * torch.tanh(2 * x)) / (1 - abar).sqrt()
+
+
+def test_the_samplers_ddim_on_the_targets_retraces_the_teachers_trajectory():
+    """End to end through Diffusion's own DDIM (x0 clipping and all): the teacher's DDIM 50 kept on the
+    10-step grid (grid_states), then a 'student' that outputs exactly step_targets, sampled with DDIM 10
+    from the same noise, passes through every kept point and ends on the teacher's sample."""
+    diffusion = Diffusion(num_steps=1000, spacing="quadratic")
+    teacher = _TanhDenoiser(diffusion)
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    states = grid_states(teacher, diffusion, x_T, 50, 10, "fp32")
+    _, grid = nested_grid(diffusion, 50, 10)
+    assert states.shape == (4, 11, 1, 8, 8) and torch.equal(states[:, 0], x_T)
+
+    def student(x, t):
+        k = grid.index(int(t[0]))
+        target = step_targets(diffusion, states, grid, torch.arange(4), torch.full((4,), k))[2]
+        assert target.abs().max() <= 1 + 1e-4  # inside the clip: the teacher's steps average clipped x0s
+        abar = diffusion.abar_at(grid[k])
+        return (x - math.sqrt(abar) * target) / math.sqrt(1 - abar)
+
+    seen = []
+    end = diffusion.ddim_sample(student, x_T=x_T, steps=10, callback=lambda i, x, x0: seen.append(x))
+    for k in range(1, 10):
+        assert torch.allclose(seen[k - 1], states[:, k], atol=1e-4), k
+    assert torch.allclose(end, states[:, -1], atol=1e-4)
