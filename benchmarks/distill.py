@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dgan.distill import endpoint_gap, nested_grid, teacher_set, train_student
+from dgan.distill import fit_student, teacher_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (benchmarks/ is not a package)
@@ -51,16 +51,11 @@ def main(argv=None) -> None:
                              torch.device(a.device))
         print(f"teacher: {n} trajectories of DDIM {a.teacher_steps} in {time.perf_counter() - clock:.0f} s", flush=True)
         torch.save(states, cache)
-    train, held = states[:a.trajectories], states[a.trajectories:]
-    _, grid = nested_grid(diffusion, a.teacher_steps, a.steps)
-    before = endpoint_gap(G, diffusion, held, a.steps, a.precision)
     clock = time.perf_counter()
-    student = train_student(G, diffusion, train, grid, iters=a.iters, batch=a.batch, lr=a.lr, ema_decay=a.ema,
-                            seed=a.seed, precision=a.precision, log=lambda line: print(line, flush=True))
+    student, before, after = fit_student(G, diffusion, states, a.trajectories, a.steps, a.teacher_steps,
+                                         iters=a.iters, batch=a.batch, lr=a.lr, ema_decay=a.ema, seed=a.seed,
+                                         precision=a.precision, log=lambda line: print(line, flush=True))
     train_s = time.perf_counter() - clock
-    after = endpoint_gap(student, diffusion, held, a.steps, a.precision)
-    print(f"DDIM {a.steps} from the teacher's DDIM {a.teacher_steps} on {len(held)} held-out noises (RMS grey "
-          f"levels): teacher {before:.2f}, student {after:.2f}; student trained in {train_s:.0f} s", flush=True)
     record = torch.load(a.out / f"{a.arms}.pt", weights_only=True)
     torch.save({"ema": student.state_dict(), "overrides": record["overrides"], "steps": a.iters,
                 "teacher": a.arms, "train_s": train_s, "gap_before": before, "gap_after": after,

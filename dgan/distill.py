@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 
+from dgan import distributed as dist
 from dgan.atomic import torch_save_atomic
 from dgan.checkpoint import SCHEMA_VERSION, load_checkpoint
 from dgan.config import positive_int_arg
@@ -92,10 +93,19 @@ def teacher_set(G, diffusion, indices: range, seed: int, teacher_steps: int, ste
     return torch.cat(parts)
 
 
-def step_targets(diffusion, states: torch.Tensor, grid: list[int], rows: torch.Tensor, k: torch.Tensor):
-    """(x_t, t, x0 target, loss weight) of trajectory steps (rows, k): the x0 whose DDIM step grid[k] ->
-    grid[k + 1] (clean data after the last) from states[rows, k] lands on states[rows, k + 1]."""
-    abar = torch.tensor([diffusion.abar_at(t) for t in grid] + [1.0], dtype=torch.float64, device=states.device)
+def grid_tables(diffusion, grid: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_bar at each grid point and 1.0 for clean data, in float64; the grid's timesteps), on
+    `device`: built once, so a training step makes no host-to-device copy."""
+    abar = torch.tensor([diffusion.abar_at(t) for t in grid] + [1.0], dtype=torch.float64, device=device)
+    return abar, torch.tensor(grid, device=device)
+
+
+def step_targets(tables: tuple[torch.Tensor, torch.Tensor], states: torch.Tensor, rows: torch.Tensor,
+                 k: torch.Tensor):
+    """(x_t, t, x0 target, loss weight) of trajectory steps (rows, k), `tables` from grid_tables: the x0
+    whose DDIM step grid[k] -> grid[k + 1] (clean data after the last) from states[rows, k] lands on
+    states[rows, k + 1]."""
+    abar, timesteps = tables
     a, a_next = abar[k], abar[k + 1]
     # DDIM (eta 0): x_s = sqrt(a_s) x0 + c (x_t - sqrt(a_t) x0), c = sqrt((1 - a_s) / (1 - a_t)); solved for x0
     c = ((1 - a_next) / (1 - a)).sqrt()
@@ -103,7 +113,7 @@ def step_targets(diffusion, states: torch.Tensor, grid: list[int], rows: torch.T
     view = (-1,) + (1,) * (states.dim() - 2)
     x, x_next = states[rows, k], states[rows, k + 1]
     target = (x_next - c.float().view(view) * x) / den.float().view(view)
-    return x, torch.tensor(grid, device=states.device)[k], target, (1.0 / (1 - a)).float().view(view)
+    return x, timesteps[k], target, (1.0 / (1 - a)).float().view(view)
 
 
 def distill_loss(student, diffusion, batch, precision: str) -> torch.Tensor:
@@ -129,12 +139,13 @@ def train_student(G, diffusion, states: torch.Tensor, grid: list[int], *, iters:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * i / iters)))
     # the trajectories and the draws live on the device: no host-to-device copy in the step
-    states, gen, clock = states.to(device), stream_generator(device, seed, Stream.DISTILL_BATCH), time.perf_counter()
+    states, tables = states.to(device), grid_tables(diffusion, grid, device)
+    gen, clock = stream_generator(device, seed, Stream.DISTILL_BATCH), time.perf_counter()
     total = torch.zeros((), device=device)
     for i in range(iters):
         rows = torch.randint(states.shape[0], (batch,), generator=gen, device=device)
         k = torch.randint(len(grid), (batch,), generator=gen, device=device)
-        loss = distill_loss(student, diffusion, step_targets(diffusion, states, grid, rows, k), precision)
+        loss = distill_loss(student, diffusion, step_targets(tables, states, rows, k), precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -158,6 +169,21 @@ def endpoint_gap(model, diffusion, states: torch.Tensor, steps: int, precision: 
     with autocast_for(precision, x_T.device):
         x = diffusion.ddim_sample(guided_model_fn(model, None, 1.0), x_T=x_T, steps=steps)
     return float((x.float().cpu().clamp(-1, 1) - states[:, -1].clamp(-1, 1)).pow(2).mean().sqrt() * 127.5)
+
+
+def fit_student(G, diffusion, states: torch.Tensor, trajectories: int, steps: int, teacher_steps: int, *,
+                iters: int, batch: int, lr: float, ema_decay: float, seed: int, precision: str, log=print):
+    """(the student, the teacher's and the student's endpoint_gap): trained on the first `trajectories`
+    of `states` (teacher_set's), measured on the rest, which it never saw."""
+    _, grid = nested_grid(diffusion, teacher_steps, steps)
+    train, held = states[:trajectories], states[trajectories:]
+    before = endpoint_gap(G, diffusion, held, steps, precision)
+    student = train_student(G, diffusion, train, grid, iters=iters, batch=batch, lr=lr, ema_decay=ema_decay,
+                            seed=seed, precision=precision, log=log)
+    after = endpoint_gap(student, diffusion, held, steps, precision)
+    log(f"dgan.distill: DDIM {steps} against the teacher's DDIM {teacher_steps} on {len(held)} held-out noises, "
+        f"RMS grey levels: teacher {before:.2f}, student {after:.2f}")
+    return student, before, after
 
 
 def save_student(path: Path, student, teacher_meta: dict, student_meta: dict) -> Path:
@@ -204,7 +230,7 @@ def distill(args: argparse.Namespace, device: torch.device, log=print) -> Path:
     if home_of(out) == home_of(args.checkpoint):  # the student's samples and evaluations would overwrite the teacher's
         raise UsageError(f"--out {out}: a student in its teacher's folder would write its samples and evaluations "
                          f"over the teacher's; put it in a folder of its own, e.g. {home_of(out) / 'student' / out.name}")
-    _, grid = nested_grid(diffusion, args.teacher_steps, args.steps)
+    nested_grid(diffusion, args.teacher_steps, args.steps)  # a bad pair fails before minutes of sampling
     precision = "bf16" if cfg.train.precision == "bf16" else "fp32"  # fp16 would need a grad scaler here
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     clock = time.perf_counter()
@@ -212,13 +238,9 @@ def distill(args: argparse.Namespace, device: torch.device, log=print) -> Path:
                          args.steps, precision, shape, device)
     log(f"dgan.distill: {len(states)} teacher trajectories of DDIM {args.teacher_steps} in "
         f"{time.perf_counter() - clock:.0f} s")
-    train, held = states[:args.trajectories], states[args.trajectories:]
-    before = endpoint_gap(G, diffusion, held, args.steps, precision)
-    student = train_student(G, diffusion, train, grid, iters=args.iters, batch=args.batch_size, lr=args.lr,
-                            ema_decay=args.ema, seed=args.seed, precision=precision, log=log)
-    after = endpoint_gap(student, diffusion, held, args.steps, precision)
-    log(f"dgan.distill: DDIM {args.steps} against the teacher's DDIM {args.teacher_steps} on {len(held)} held-out "
-        f"noises, RMS grey levels: teacher {before:.2f}, student {after:.2f}")
+    student, before, after = fit_student(G, diffusion, states, args.trajectories, args.steps, args.teacher_steps,
+                                         iters=args.iters, batch=args.batch_size, lr=args.lr, ema_decay=args.ema,
+                                         seed=args.seed, precision=precision, log=log)
     record = {"sampler": "ddim", "steps": args.steps, "t_min": diffusion.t_min, "spacing": diffusion.spacing,
               "teacher": str(Path(args.checkpoint).resolve()), "teacher_sha256": teacher_sha256,
               "teacher_steps": args.teacher_steps, "trajectories": args.trajectories, "iters": args.iters,
@@ -233,8 +255,7 @@ def distill(args: argparse.Namespace, device: torch.device, log=print) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = dist.resolve_device(args.device)
     try:
         distill(args, device)
     except DganError as e:

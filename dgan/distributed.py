@@ -26,6 +26,13 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def resolve_device(name: str) -> torch.device:
+    """A --device value as a device: "auto" is CUDA where there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def init(device: str = "auto") -> torch.device:
     """Join the process group if launched by torchrun; return this rank's device.
 
@@ -33,7 +40,7 @@ def init(device: str = "auto") -> torch.device:
     stays a world of one without a process group.
     """
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device).type
     local_rank = _env_int("LOCAL_RANK", 0)
     if device == "cuda":
         torch.cuda.set_device(local_rank)

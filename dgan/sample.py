@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from dgan import distributed as dist
 from dgan.config import positive_int_arg
 from dgan.diffusion import SAMPLERS
 from dgan.errors import DganError, UsageError, report
@@ -57,8 +58,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = dist.resolve_device(args.device)
     try:
         return _sample_cli(args, device)
     except DganError as e:

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from dgan import distributed as dist
 from dgan.config import int_list_arg, load_config
 from dgan.diffusion import Diffusion
 from dgan.errors import EXIT_ERROR, DganError, report
@@ -131,8 +132,7 @@ def compare_samplers(G, diffusion, cfg, *, n: int, ddim_steps: int, seed: int,
 
 def cmd_samplers(args: argparse.Namespace) -> int:
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = dist.resolve_device(args.device)
     G, cfg, diffusion, _ = load_generator(args.checkpoint, device)
     if not 1 <= args.ddim_steps <= diffusion.num_steps:
         raise ValueError(f"--ddim-steps {args.ddim_steps}: must be in 1..{diffusion.num_steps}")

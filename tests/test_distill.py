@@ -15,7 +15,7 @@ import torch
 from cli_helpers import run_cli, tiny_run
 from dgan.checkpoint import load_checkpoint
 from dgan.diffusion import Diffusion
-from dgan.distill import grid_states, nested_grid, step_targets
+from dgan.distill import grid_states, grid_tables, nested_grid, step_targets
 from dgan.errors import UsageError
 from dgan.generation import check_student
 
@@ -26,7 +26,7 @@ def test_one_ddim_step_to_the_target_lands_on_the_teachers_next_point():
     states = torch.randn(3, len(grid) + 1, 1, 8, 8, dtype=torch.float64).float()
     for k in range(len(grid)):
         rows, ks = torch.arange(3), torch.full((3,), k)
-        x, t, target, weight = step_targets(diffusion, states, grid, rows, ks)
+        x, t, target, weight = step_targets(grid_tables(diffusion, grid, states.device), states, rows, ks)
         t_next = grid[k + 1] if k + 1 < len(grid) else None
         abar = diffusion.abar_at(grid[k])
         eps = (x - math.sqrt(abar) * target) / math.sqrt(1 - abar)  # the eps DDIM derives from x0 (denoise)
@@ -122,7 +122,7 @@ def test_the_samplers_ddim_on_the_targets_retraces_the_teachers_trajectory():
 
     def student(x, t):
         k = grid.index(int(t[0]))
-        target = step_targets(diffusion, states, grid, torch.arange(4), torch.full((4,), k))[2]
+        target = step_targets(grid_tables(diffusion, grid, 'cpu'), states, torch.arange(4), torch.full((4,), k))[2]
         assert target.abs().max() <= 1 + 1e-4  # inside the clip: the teacher's steps average clipped x0s
         abar = diffusion.abar_at(grid[k])
         return (x - math.sqrt(abar) * target) / math.sqrt(1 - abar)
